@@ -1,0 +1,6 @@
+"""prune-cli's model zoo. Importing the package registers every factory (as timm does)."""
+
+from models import resnet, vgg  # noqa: F401  (registration side effects)
+from models._registry import MODELS, create_model, list_models, register_model, resolve_factory
+
+__all__ = ["MODELS", "create_model", "list_models", "register_model", "resolve_factory"]

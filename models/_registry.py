@@ -66,7 +66,6 @@ def create_model(name: str, num_classes: int | None = None, in_channels: int | N
     return model
 
 
-
 def _accepted_kwargs(factory: Callable) -> set[str] | None:
     try:
         params = inspect.signature(factory).parameters.values()

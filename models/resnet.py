@@ -72,7 +72,7 @@ class ResNet(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         in_planes = widths[0]
-        for i, (n, width) in enumerate(zip(num_blocks, widths)):
+        for i, (n, width) in enumerate(zip(num_blocks, widths, strict=True)):
             blocks = []
             for j in range(n):
                 blocks.append(block(in_planes, width, stride=2 if (i > 0 and j == 0) else 1))

@@ -139,7 +139,7 @@ class Context:
     device: torch.device = torch.device("cpu")
     seed: int = 0
     log: Callable[[str], None] = lambda message: None
-    progress: Callable[[str, int], Callable[[int], None]] = lambda label, total: (lambda advance=1: None)
+    progress: Callable[[str, int], Callable[[int], None]] = lambda label, total: lambda advance=1: None
 
     def generator(self, salt: int = 0) -> torch.Generator:
         """A fresh CPU generator seeded by the run's seed (plus `salt` for independent streams)."""
@@ -219,7 +219,9 @@ class Plan:
 class TrainHooks:
     """Optional additions to the normal training loop (override what you need)."""
 
-    def extra_loss(self, model: nn.Module, x: Tensor, y: Tensor, logits: Tensor, per_sample_ce: Tensor) -> Tensor | None:
+    def extra_loss(
+        self, model: nn.Module, x: Tensor, y: Tensor, logits: Tensor, per_sample_ce: Tensor
+    ) -> Tensor | None:
         """An extra loss term added to the mean cross entropy, or None."""
         return None
 

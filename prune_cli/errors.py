@@ -19,7 +19,9 @@ class UnknownName(PruneCliError):
         known = sorted(known)
         close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        listing = "" if close else f" (known: {', '.join(known)})" if len(known) <= 12 else f" (see `prune-cli list {kind}s`)"
+        listing = (
+            "" if close else f" (known: {', '.join(known)})" if len(known) <= 12 else f" (see `prune-cli list {kind}s`)"
+        )
         super().__init__(f"unknown {kind} {name!r}{hint}{listing}")
         self.kind, self.name, self.suggestions = kind, name, close
 

@@ -1,0 +1,133 @@
+"""Top-1 lives in the engine; here: parameters, MACs (static and per input), latency and file size.
+
+Counting convention (METHODS.md): MACs of conv and linear layers only, i.e. `torch.utils.flop_counter` FLOPs of
+convolution and matrix-multiply ops, halved. Parameters: weights and biases of conv and linear layers (the
+convention of the CIFAR tables; BatchNorm parameters are not counted).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+_COUNTED_OPS = ("convolution", "mm", "addmm", "bmm", "baddbmm")
+
+
+def count_params(model: nn.Module) -> int:
+    """Weights + biases of every Conv and Linear layer."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            total += m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+    return total
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, example_input: Tensor) -> int:
+    """MACs of one forward pass on `example_input` (1, C, H, W), conv + linear only, per image."""
+    was_training = model.training
+    model.eval()
+    with FlopCounterMode(display=False) as counter:
+        model(example_input)
+    model.train(was_training)
+    flops = 0
+    for op, n in counter.get_flop_counts().get("Global", {}).items():
+        if str(op).split(".")[1] in _COUNTED_OPS:
+            flops += n
+    return flops // 2 // example_input.shape[0]
+
+
+@dataclass
+class Latency:
+    """Wall time of one forward pass at a batch size, over repeated runs after warm-up."""
+
+    batch: int
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    repeats: int
+    threads: int
+    device: str
+
+    @property
+    def spread_ms(self) -> float:
+        return self.p90_ms - self.p10_ms
+
+
+@torch.no_grad()
+def measure_latency(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    batch: int = 1,
+    *,
+    repeats: int | None = None,
+    warmup: int = 3,
+    max_seconds: float = 2.0,
+    device: torch.device | None = None,
+) -> Latency:
+    """Median and 10th/90th percentile of the forward time of `model` on a random batch of `input_shape` (C, H, W).
+
+    Runs `warmup` passes first, then `repeats` timed passes (by default as many as fit in `max_seconds`, at least 5).
+    """
+    device = device or next(model.parameters()).device
+    model.eval()
+    x = torch.randn(batch, *input_shape, device=device)
+
+    def once() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    for _ in range(warmup):
+        once()
+    times: list[float] = []
+    budget_end = time.perf_counter() + max_seconds
+    while True:
+        times.append(once())
+        if repeats is not None:
+            if len(times) >= repeats:
+                break
+        elif len(times) >= 5 and time.perf_counter() > budget_end:
+            break
+        if len(times) >= 1000:
+            break
+    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+    return Latency(
+        batch=batch,
+        median_ms=statistics.median(times) * 1e3,
+        p10_ms=q[0] * 1e3,
+        p90_ms=q[-1] * 1e3,
+        repeats=len(times),
+        threads=torch.get_num_threads(),
+        device=str(device),
+    )
+
+
+def file_size(path: str | Path) -> int:
+    return os.path.getsize(path)
+
+
+@torch.no_grad()
+def per_input_macs(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """MACs executed per input for batch `x`: (total (N,), method overhead (N,)).
+
+    For a static model every input costs the same; dynamic models (HASTE, ManiDP) report their own.
+    """
+    from prune_cli import dynamic
+
+    if dynamic.is_dynamic(model):
+        return dynamic.per_input_macs(model, x)
+    n = x.shape[0]
+    macs = count_macs(model, x[:1])
+    return torch.full((n,), float(macs)), torch.zeros(n)

@@ -63,6 +63,8 @@ def create_model(name: str, num_classes: int | None = None, in_channels: int | N
         raise BadValue(f"cannot build model {name!r} with {args}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise PruneCliError(f"model factory {name!r} returned {type(model).__name__}, not a torch.nn.Module")
+    # How to rebuild it: model files store this instead of pickled code.
+    model.prune_cli_arch = {"factory": name, "kwargs": args}
     return model
 
 

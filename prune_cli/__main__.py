@@ -1,0 +1,3 @@
+from prune_cli.cli import main
+
+main()

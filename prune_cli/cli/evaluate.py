@@ -1,0 +1,72 @@
+"""`prune-cli eval`: accuracy, parameters, MACs, latency and file size of a model file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from prune_cli.cli import options as O
+from prune_cli.cli import ui
+
+
+def evaluate(
+    model_file: Annotated[Path, typer.Argument(help="A .safetensors model file written by prune-cli.")],
+    dataset: O.Dataset = None,
+    data_dir: O.DataDir = None,
+    split: Annotated[str, typer.Option(help="test or val.", rich_help_panel=O.DATA)] = "test",
+    latency_batches: O.LatencyBatches = "1,64",
+    seed: O.Seed = 0,
+    device: O.Device = None,
+    threads: O.Threads = None,
+    json: O.Json = False,
+    quiet: O.Quiet = False,
+) -> None:
+    """Evaluate MODEL_FILE: top-1 (top-5 over 10 classes), params, MACs, latency (median, p10-p90), file size.
+
+    The dataset defaults to the one the model was trained on (recorded in the file).
+    """
+    from prune_cli import engine, metrics, pipeline
+    from prune_cli.errors import BadValue
+    from prune_cli.modelfile import load_model
+
+    ui.quiet = quiet
+    dev = pipeline.setup_runtime(device, threads, seed)
+    batches = pipeline.parse_batches(latency_batches)
+    if split not in ("test", "val"):
+        raise BadValue(f"--split must be test or val, got {split!r}")
+    net = load_model(model_file, dev)
+    info = getattr(net, "prune_cli_info", {})
+    dataset = dataset or info.get("dataset")
+    if dataset is None:
+        raise BadValue(f"{model_file} does not record its dataset: pass --dataset")
+    data_dir = data_dir or (Path(info["data_dir"]) if info.get("data_dir") else None)
+    splits = pipeline.load_splits(dataset, data_dir, model_name=net.prune_cli_arch["factory"], seed=seed)
+    result = engine.evaluate(net, getattr(splits, split), splits, device=dev)
+    row = {
+        "model_file": str(model_file),
+        "dataset": dataset,
+        "split": split,
+        "top1": result.top1,
+        "top5": result.top5,
+        "loss": result.loss,
+        "images": result.images,
+        **pipeline.measure(net, splits, latency_batches=batches, device=dev),
+        "file_bytes": metrics.file_size(model_file),
+    }
+    if json:
+        ui.print_json(row)
+        return
+    shown = dict(row)
+    shown["params"] = ui.human(row["params"])
+    shown["macs"] = ui.human(row["macs"])
+    for b in batches:
+        shown[f"latency_b{b}_ms"] = f"{row[f'latency_b{b}_ms']:.3f} ± {row.pop(f'latency_b{b}_spread_ms') / 2:.3f}"
+        shown.pop(f"latency_b{b}_spread_ms", None)
+    shown["file_bytes"] = ui.human(row["file_bytes"], "B")
+    ui.table(shown, title=f"eval {model_file.name}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(ui.user_errors(evaluate))

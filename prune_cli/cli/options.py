@@ -1,0 +1,45 @@
+"""Shared option aliases, so that a flag has the same name and help in every command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+DATA = "Data"
+TRAIN = "Training"
+PRUNE = "Pruning"
+OUTPUT = "Output"
+RUN = "Run"
+
+Model = Annotated[
+    str,
+    typer.Option(
+        "--model", "-m", help="Zoo name (`prune-cli list models`), torchvision:NAME or package.module:factory."
+    ),
+]
+Weights = Annotated[Path | None, typer.Option("--weights", help="Initial weights (.safetensors or a .pt state dict).")]
+Dataset = Annotated[
+    str | None,
+    typer.Option("--dataset", "-d", help="Dataset name (see `prune-cli list datasets`).", rich_help_panel=DATA),
+]
+DataDir = Annotated[
+    Path | None, typer.Option("--data-dir", help="Folder holding the dataset files.", rich_help_panel=DATA)
+]
+Seed = Annotated[int, typer.Option("--seed", help="Seed for splits, initialisation and sampling.", rich_help_panel=RUN)]
+Device = Annotated[
+    str | None, typer.Option("--device", help="cpu, cuda, cuda:1 (default: cuda if available).", rich_help_panel=RUN)
+]
+Threads = Annotated[
+    int | None, typer.Option("--threads", help="CPU threads for torch (default: torch's choice).", rich_help_panel=RUN)
+]
+Epochs = Annotated[int, typer.Option("--epochs", help="Training epochs.", rich_help_panel=TRAIN)]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Training batch size.", rich_help_panel=TRAIN)]
+Lr = Annotated[float, typer.Option("--lr", help="Peak learning rate (cosine schedule).", rich_help_panel=TRAIN)]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON to stdout instead of a table.", rich_help_panel=OUTPUT)]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only results, no progress or messages.")]
+OutFile = Annotated[Path, typer.Option("--out", "-o", help="Output model file (.safetensors).", rich_help_panel=OUTPUT)]
+LatencyBatches = Annotated[
+    str, typer.Option("--latency-batches", help="Batch sizes for latency, comma separated.", rich_help_panel=OUTPUT)
+]

@@ -1,0 +1,185 @@
+"""Model files: one `.safetensors` file with the architecture as JSON in its metadata. No pickle, ever.
+
+Metadata keys:
+    "prune_cli": format tag
+    "arch": {"factory": name, "kwargs": {...}, "widths": {module: {type, in, out, groups}}, "dynamic": {...}|null}
+    "info": free JSON (dataset, metrics, criterion, provenance)
+
+Loading builds the original model from its factory, shrinks each recorded layer whose width differs to the
+recorded width, re-wraps dynamic methods through their criterion's `rebuild`, then loads the weights strictly.
+It works the same for our zoo, torchvision classifiers and a user's `package.module:factory`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save_model as _st_save_model
+from torch import nn
+
+import models
+from prune_cli.errors import BadModelFile, PruneCliError
+from prune_cli.io import atomic_write
+
+FORMAT = "prune-cli/1"
+_RESIZABLE = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def module_widths(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Per Conv2d / Linear / BatchNorm module its type and channel widths (what pruning changes)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            out[name] = {"type": "Conv2d", "in": m.in_channels, "out": m.out_channels, "groups": m.groups}
+        elif isinstance(m, nn.Linear):
+            out[name] = {"type": "Linear", "in": m.in_features, "out": m.out_features}
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            out[name] = {"type": type(m).__name__, "in": m.num_features, "out": m.num_features}
+    return out
+
+
+def save_model(model: nn.Module, path: str | Path, **info: Any) -> Path:
+    """Write `model` (built by `models.create_model`, possibly pruned or wrapped) to a `.safetensors` file.
+
+    `info` is stored as JSON (must be JSON-serialisable). `dynamic=` (a JSON dict with a "criterion" key) marks a
+    dynamic model to be re-wrapped on load.
+    """
+    arch = getattr(model, "prune_cli_arch", None)
+    if arch is None:
+        raise PruneCliError("this model was not built by prune-cli (models.create_model), so it cannot be saved")
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise BadModelFile(f"model files must end in .safetensors, got {path.name!r}")
+    dynamic = info.pop("dynamic", None) or getattr(model, "prune_cli_dynamic", None)
+    metadata = {
+        "prune_cli": FORMAT,
+        "arch": json.dumps({**arch, "widths": module_widths(model), "dynamic": dynamic}),
+        "info": json.dumps(info, default=str),
+    }
+    with atomic_write(path) as tmp:
+        # safetensors' save_model de-duplicates shared tensors, which save_file refuses.
+        _st_save_model(model, str(tmp), metadata=metadata)
+    return path
+
+
+def read_metadata(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(arch, info) of a model file, without loading the weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadModelFile(f"no model file at {path}")
+    head = path.read_bytes()[:4]
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise BadModelFile(
+            f"{path} is a PyTorch pickle (torch.save); prune-cli reads only .safetensors model files, "
+            "never pickles (to start from your own weights use `--model FACTORY --weights FILE`)"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BadModelFile(f"{path} is not a readable .safetensors file ({exc})") from exc
+    if meta.get("prune_cli") != FORMAT:
+        raise BadModelFile(f"{path} is a safetensors file but not a prune-cli model file (no architecture metadata)")
+    try:
+        return json.loads(meta["arch"]), json.loads(meta.get("info", "{}"))
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise BadModelFile(f"{path} has corrupt prune-cli metadata ({exc})") from exc
+
+
+def build_architecture(arch: dict[str, Any]) -> nn.Module:
+    """The (possibly pruned / wrapped) module described by `arch`, with fresh weights."""
+    model = models.create_model(arch["factory"], **arch.get("kwargs", {}))
+    modules = dict(model.named_modules())
+    for name, spec in arch.get("widths", {}).items():
+        current = modules.get(name)
+        if current is None:
+            raise BadModelFile(f"model file names layer {name!r}, which {arch['factory']} does not have")
+        if type(current).__name__ != spec["type"]:
+            raise BadModelFile(f"layer {name!r} is a {type(current).__name__} in {arch['factory']}, not {spec['type']}")
+        if module_widths_one(current) != (spec["in"], spec["out"]):
+            _set_module(model, name, resized(current, spec["in"], spec["out"], spec.get("groups")))
+    if arch.get("dynamic"):
+        from prune_cli.api import get_criterion
+
+        config = dict(arch["dynamic"])
+        model = get_criterion(config["criterion"]).rebuild(model, config)
+        model.prune_cli_dynamic = config
+    model.prune_cli_arch = {"factory": arch["factory"], "kwargs": arch.get("kwargs", {})}
+    return model
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+    """Rebuild the model stored in `path` and load its weights (strict). The model is in eval mode."""
+    arch, info = read_metadata(path)
+    model = build_architecture(arch)
+    try:
+        state = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as exc:
+        raise BadModelFile(f"{path}: cannot read weights ({exc})") from exc
+    # save_model dropped duplicates of shared tensors; fill them back from the model's own aliases.
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    shared = {k for k in missing if _is_alias(model, k, state)}
+    missing = [k for k in missing if k not in shared]
+    if missing or unexpected:
+        raise BadModelFile(
+            f"{path} does not fit its architecture: missing {missing[:3]}, unexpected {list(unexpected)[:3]}"
+        )
+    model.prune_cli_info = info
+    return model.to(device).eval()
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a user's weights file into `model`: a .safetensors state dict, or a .pt/.pth state dict read with
+    `torch.load(weights_only=True)` (tensors only; no code from the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadModelFile(f"no weights file at {path}")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+        model.load_state_dict(state)
+    except Exception as exc:
+        raise BadModelFile(f"cannot load weights from {path} into this model: {str(exc).splitlines()[0]}") from exc
+    return model
+
+
+def module_widths_one(m: nn.Module) -> tuple[int, int]:
+    if isinstance(m, nn.Conv2d):
+        return m.in_channels, m.out_channels
+    if isinstance(m, nn.Linear):
+        return m.in_features, m.out_features
+    return m.num_features, m.num_features  # BatchNorm
+
+
+def resized(m: nn.Module, in_width: int, out_width: int, groups: int | None = None) -> nn.Module:
+    """An uninitialised module like `m` with other channel widths (same hyper-parameters otherwise)."""
+    if isinstance(m, nn.Conv2d):
+        return nn.Conv2d(
+            in_width, out_width, m.kernel_size, m.stride, m.padding, m.dilation,
+            groups if groups is not None else m.groups, m.bias is not None, m.padding_mode,
+        )  # fmt: skip
+    if isinstance(m, nn.Linear):
+        return nn.Linear(in_width, out_width, m.bias is not None)
+    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return type(m)(out_width, m.eps, m.momentum, m.affine, m.track_running_stats)
+    raise BadModelFile(f"cannot resize a {type(m).__name__}")
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _is_alias(model: nn.Module, key: str, state: dict) -> bool:
+    """True if parameter `key` shares storage with a tensor that is in `state` (tied weights)."""
+    tensors = dict(model.state_dict(keep_vars=True))
+    ptr = tensors[key].data_ptr()
+    return any(k in state and v.data_ptr() == ptr for k, v in tensors.items() if k != key)

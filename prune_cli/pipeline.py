@@ -1,0 +1,102 @@
+"""The steps every command shares: runtime set-up, data for a model, model creation, measurement.
+
+The CLI commands, `compare` and the tests call these; they hold no terminal code.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import models
+from prune_cli import data as D
+from prune_cli import metrics
+from prune_cli.errors import BadValue
+from prune_cli.modelfile import load_weights
+
+
+def setup_runtime(device: str | None = None, threads: int | None = None, seed: int = 0) -> torch.device:
+    """Seed torch, set the CPU thread count, and resolve the device name."""
+    if threads is not None:
+        if threads < 1:
+            raise BadValue(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise BadValue(f"unknown device {device!r} ({exc})") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BadValue("--device cuda was asked for, but torch sees no CUDA GPU")
+    return dev
+
+
+def input_channels_for(model_name: str) -> int | None:
+    """Torchvision classifiers are RGB: grey data is repeated to 3 channels for them."""
+    return 3 if model_name.startswith("torchvision:") else None
+
+
+def load_splits(
+    dataset: str, data_dir: str | Path | None = None, *, model_name: str = "", seed: int = 0,
+    val_size: int | None = None, calib_size: int | None = None,
+) -> D.Splits:  # fmt: skip
+    ds = D.load_dataset(dataset, data_dir, channels=input_channels_for(model_name))
+    return D.make_splits(ds, val_size=val_size, calib_size=calib_size, seed=seed)
+
+
+def new_model(name: str, splits: D.Splits, weights: Path | None = None) -> nn.Module:
+    """A freshly built model for the data's classes and channels, optionally with a user's weights."""
+    in_channels = splits.train.x.shape[1]
+    model = models.create_model(name, num_classes=splits.num_classes, in_channels=in_channels)
+    if weights is not None:
+        load_weights(model, weights)
+    return model
+
+
+def example_input(splits: D.Splits) -> torch.Tensor:
+    """One normalised training image, (1, C, H, W): what tracing and MAC counting run on."""
+    return D.to_float(splits.train.x[:1], splits)
+
+
+def measure(
+    model: nn.Module, splits: D.Splits, *, latency_batches: Sequence[int] = (1, 64), device: torch.device | None = None
+) -> dict[str, Any]:
+    """Parameters, MACs per image, and latency at each batch size (median ms, p10-p90 spread)."""
+    device = device or next(model.parameters()).device
+    x = example_input(splits).to(device)
+    out: dict[str, Any] = {"params": metrics.count_params(model), "macs": metrics.count_macs(model, x)}
+    for b in latency_batches:
+        lat = metrics.measure_latency(model, tuple(x.shape[1:]), b, device=device)
+        out[f"latency_b{b}_ms"] = lat.median_ms
+        out[f"latency_b{b}_spread_ms"] = lat.spread_ms
+    out["threads"] = torch.get_num_threads()
+    out["device"] = str(device)
+    return out
+
+
+def machine() -> dict[str, Any]:
+    """Where a result was measured (stored with every model file and run record)."""
+    return {
+        "host_cpu": platform.processor() or platform.machine(),
+        "cpu_count": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def parse_batches(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise BadValue(f"latency batches must be integers separated by commas, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise BadValue(f"latency batches must be positive integers, got {text!r}")
+    return values

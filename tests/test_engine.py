@@ -1,0 +1,125 @@
+"""The training loop: it learns, it is seeded, hooks run, checkpoints resume, evaluation counts right."""
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+import models
+from prune_cli import data as D
+from prune_cli import engine
+from prune_cli.api import TrainHooks
+from prune_cli.errors import BadValue
+
+
+@pytest.fixture(scope="module")
+def splits():
+    s = D.make_splits(D.load_dataset("digits"), seed=0)
+    # A quarter of digits keeps every test here around a second.
+    return dataclasses.replace(s, train=D.Split(s.train.x[:384], s.train.y[:384]))
+
+
+def small_model(splits):
+    return models.create_model("vgg11", num_classes=splits.num_classes, in_channels=1)
+
+
+CFG = engine.TrainConfig(epochs=2, batch_size=64, lr=0.05, seed=0)
+
+
+def test_training_learns_digits(splits):
+    model = small_model(splits)
+    before = engine.evaluate(model, splits.val, splits).top1
+    result = engine.train(model, splits, dataclasses.replace(CFG, epochs=3))
+    after = engine.evaluate(model, splits.val, splits).top1
+    assert after > max(0.5, before + 0.2)
+    assert len(result.history) == 3 and result.history[-1]["val_acc"] == pytest.approx(after)
+
+
+def test_training_is_deterministic_for_a_seed(splits):
+    a, b = small_model(splits), small_model(splits)
+    b.load_state_dict(a.state_dict())
+    ha = engine.train(a, splits, CFG).history
+    hb = engine.train(b, splits, CFG).history
+    assert [h["train_loss"] for h in ha] == [h["train_loss"] for h in hb]
+
+
+def test_hooks_add_loss_and_see_epochs(splits):
+    class Hooks(TrainHooks):
+        def __init__(self):
+            self.epochs, self.calls = [], 0
+
+        def extra_loss(self, model, x, y, logits, per_sample_ce):
+            self.calls += 1
+            assert per_sample_ce.shape == y.shape
+            return 100.0 * sum(p.pow(2).sum() for p in model.classifier[-1].parameters())
+
+        def on_epoch_end(self, model, epoch, epochs, stats):
+            self.epochs.append((epoch, epochs))
+
+        def no_weight_decay(self, name):
+            return name.startswith("classifier")
+
+    hooks = Hooks()
+    model = small_model(splits)
+    engine.train(model, splits, CFG, hooks=hooks)
+    assert hooks.epochs == [(0, 2), (1, 2)]
+    assert hooks.calls == 2 * (len(splits.train) // CFG.batch_size)
+    # the extra L2 term at weight 100 drives the last layer's weights towards zero
+    assert model.classifier[-1].weight.abs().max() < 0.05
+    groups = engine.make_optimizer(model, CFG, hooks).param_groups
+    assert [g["weight_decay"] for g in groups] == [CFG.weight_decay, 0.0]
+
+
+def test_interrupted_run_resumes_to_the_same_weights(splits, tmp_path):
+    """Killed during epoch 2, resumed from the epoch-1 checkpoint: same weights as an uninterrupted run."""
+    steps = len(splits.train) // CFG.batch_size
+
+    class KillInEpochTwo(TrainHooks):
+        calls = 0
+
+        def extra_loss(self, model, x, y, logits, per_sample_ce):
+            self.calls += 1
+            if self.calls > steps + 1:
+                raise KeyboardInterrupt
+            return None
+
+    a, b = small_model(splits), small_model(splits)
+    b.load_state_dict(a.state_dict())
+    engine.train(a, splits, CFG)
+    ckpt = tmp_path / "run.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        engine.train(b, splits, CFG, checkpoint=ckpt, hooks=KillInEpochTwo())
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 1
+    c = small_model(splits)  # a fresh process starts from other weights: resume must overwrite them
+    history = engine.train(c, splits, CFG, checkpoint=ckpt, resume=True).history
+    assert [h["epoch"] for h in history] == [1, 2]
+    x = D.to_float(splits.val.x[:16], splits)
+    assert torch.allclose(a.eval()(x), c.eval()(x), atol=1e-5)
+
+
+def test_evaluate_counts_top1_and_top5():
+    class FirstTwenty(nn.Module):
+        def forward(self, x):
+            return x.flatten(1)[:, :20]
+
+    x = torch.zeros(4, 1, 5, 4, dtype=torch.uint8)
+    x[0, 0, 0, 3] = 255  # image 0 -> class 3 (label 3: right)
+    x[1, 0, 1, 1] = 255  # image 1 -> class 5 (label 6: wrong top-1; 6 ties with the rest in top-5)
+    x[2, 0, 0, 0] = 255  # image 2 -> class 0 (label 1: wrong)
+    x[3, 0, 0, 2] = 255  # image 3 -> class 2 (label 2: right)
+    split = D.Split(x, torch.tensor([3, 6, 1, 2]))
+    splits = D.Splits(
+        train=split, val=split, calib=split, test=split, mean=(0.0,), std=(1.0,), num_classes=20, flip=False, pad=0,
+        dataset="t",
+    )  # fmt: skip
+    result = engine.evaluate(FirstTwenty(), split, splits)
+    assert result.top1 == pytest.approx(2 / 4)
+    assert result.top5 is not None and result.top5 >= result.top1
+
+
+def test_bad_recipe_values():
+    with pytest.raises(BadValue):
+        engine.TrainConfig(lr=0)
+    with pytest.raises(BadValue):
+        engine.TrainConfig(epochs=-1)

@@ -51,10 +51,11 @@ def check_own_packages() -> None:
     root = Path(__file__).resolve().parents[2]
     for name in ("models", "criteria"):
         module = importlib.import_module(name)
-        where = Path(getattr(module, "__file__", "") or "").resolve()
-        if root not in where.parents:
+        places = [Path(p).resolve() for p in getattr(module, "__path__", [])]
+        if (root / name) not in places:
+            where = ", ".join(map(str, places)) or getattr(module, "__file__", "?")
             raise PruneCliError(
-                f"the imported package {name!r} is {where.parent}, not prune-cli's ({root / name}); "
+                f"the imported package {name!r} is {where}, not prune-cli's ({root / name}); "
                 f"a package of yours shadows it: rename it or run from another folder"
             )
 

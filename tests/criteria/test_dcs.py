@@ -134,3 +134,22 @@ def test_bad_options_and_too_few_classes():
     x, y = constructed()
     with pytest.raises(PruneCliError, match="two classes"):
         dcs_scores(Tiny().eval(), [GROUP], x, torch.zeros_like(y))
+
+
+@pytest.mark.parametrize("shrinkage", ["auto", "0.3"])
+def test_cholesky_lda_equals_scikit_learn(shrinkage):
+    import numpy as np
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    from criteria.dcs import _lda
+
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((300, 40)), rng.integers(0, 4, 300)
+    X[:, 0] += y
+    X[:, 5] = 0.0
+    ref = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto" if shrinkage == "auto" else 0.3).fit(X, y)
+    np.testing.assert_allclose(_lda(X, y, shrinkage, "lsqr"), ref.coef_, atol=1e-10)
+    # Fisher directions are whitened by the within-class covariance and span the class means' differences.
+    W = _lda(X, y, shrinkage, "eigen")
+    assert W.shape == (3, 40)
+    assert abs(W[:, 0]).sum() > 5 * abs(W[:, 1:]).sum(0).mean()

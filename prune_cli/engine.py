@@ -230,7 +230,7 @@ def evaluate(
     model: nn.Module, split: D.Split, splits: D.Splits, *, batch_size: int = 512, device: torch.device | None = None
 ) -> EvalResult:
     """Top-1 (and top-5 when there are more than 10 classes) and mean loss of `model` on `split`."""
-    device = device or next(model.parameters()).device
+    device = device or next(model.parameters(), torch.empty(0)).device
     model.eval()
     t0 = time.perf_counter()
     top1 = top5 = 0

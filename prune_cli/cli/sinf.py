@@ -169,8 +169,12 @@ def evaluate(
     json: O.Json = False,
     quiet: O.Quiet = False,
 ) -> None:
-    """Evaluate a SINF folder: top-1, per-cluster accuracy against the base, MACs per input (router overhead
-    apart), latency against the base, storage; with --sweep the accuracy-vs-MACs grid."""
+    """Evaluate a SINF folder against its base model: top-1, per-cluster accuracy, MACs, latency, storage.
+
+    MACs per input are extractor + router + the routed subgraph, the router shown apart; latency is measured
+    at batch 1 and at a routed deployment's batch. --sweep runs the r_L / r_M grid and writes
+    sweep.csv, sweep.md and sweep.png.
+    """
     from prune_cli import pipeline, sinf, sinf_report
     from prune_cli.errors import BadValue
 

@@ -132,7 +132,8 @@ def _pool(t: Tensor, member: Member, size: int, q: int) -> Tensor:
     if t.dim() == 2:
         expand = member.expand if member.kind == "linear_in" else 1
         n = t.shape[0]
-        t = t[:, member.offset * expand : (member.offset + size) * expand].float().reshape(n, size, expand)
+        # channel c owns features offset + c*expand ... offset + (c+1)*expand - 1 (api.Member)
+        t = t[:, member.offset : member.offset + size * expand].float().reshape(n, size, expand)
         if expand == 1:
             return t
         side = math.isqrt(expand)

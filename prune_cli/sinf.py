@@ -202,9 +202,9 @@ def tail_groups(gm: fx.GraphModule, groups: Sequence[ChannelGroup], cut: str, sc
     where = node_index(gm)
     at = [n.name for n in gm.graph.nodes].index(cut)
     chosen = []
-    for g in groups:
-        if not g.prunable or (g.residual and scope == "internal"):
-            continue
+    from prune_cli.selection import groups_in_scope
+
+    for g in groups_in_scope(list(groups), scope):
         positions = [where[m.module] for m in g.members if m.module in where]
         if positions and min(positions) > at:
             chosen.append((min(where[m.module] for m in g.producers if m.module in where), g))

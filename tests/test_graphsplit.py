@@ -8,6 +8,15 @@ from prune_cli.errors import PruneCliError
 from prune_cli.graphsplit import attach_candidates, cut_nodes, gap_features, node_index, split, trace
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small layers: one thread avoids OpenMP spinning on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("name", ["vgg11", "resnet20", "resnet50"])
 def test_halves_compose_to_the_model_at_every_candidate(name):
     torch.manual_seed(0)

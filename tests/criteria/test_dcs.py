@@ -153,3 +153,16 @@ def test_cholesky_lda_equals_scikit_learn(shrinkage):
     W = _lda(X, y, shrinkage, "eigen")
     assert W.shape == (3, 40)
     assert abs(W[:, 0]).sum() > 5 * abs(W[:, 1:]).sum(0).mean()
+
+
+def test_pooling_a_flattened_group_reads_its_own_features():
+    """After a flatten, channel c owns features offset + c*expand ... (api.Member): pooled per channel."""
+    from criteria.dcs import _pool
+
+    n, channels, side = 2, 3, 4
+    maps = torch.arange(n * (channels + 1) * side * side, dtype=torch.float32).reshape(n, channels + 1, side, side)
+    flat = maps.flatten(1)  # the group is channels 1..3 of the flattened map: offset = 1 * 16 features
+    member = api.Member("fc", "linear_in", offset=side * side, expand=side * side)
+    pooled = _pool(flat, member, channels, q=2)
+    expected = torch.nn.functional.adaptive_avg_pool2d(maps[:, 1:], 2).flatten(2)
+    assert torch.equal(pooled, expected)

@@ -282,3 +282,32 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, gen: torch.Generat
 
 def config_dict(cfg: TrainConfig) -> dict:
     return asdict(cfg)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: nn.Module, splits: D.Splits, *, images: int = 2048, batch_size: int = 256, device: torch.device | None = None
+) -> int:
+    """Re-estimate every BatchNorm's running mean/variance on training images (no weight changes).
+
+    Removing channels shifts the statistics the next layers see; the old running averages then mislead the model in
+    eval mode, and a short fine-tune on a small dataset does not take enough steps to forget them. Returns the number
+    of BatchNorm layers re-estimated.
+    """
+    device = device or next(model.parameters()).device
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    model.train()
+    n = min(images, len(splits.train))
+    sub = D.Split(splits.train.x[:n], splits.train.y[:n])
+    for x, _ in D.batches(sub, splits, batch_size, device=device):
+        model(x)
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    model.eval()
+    return len(norms)

@@ -1,0 +1,106 @@
+"""`prune-cli prune`: score, select, remove, fine-tune, evaluate, and print one before/after table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from prune_cli.cli import options as O
+from prune_cli.cli import ui
+
+
+def prune(
+    model_file: Annotated[Path, typer.Argument(help="A trained .safetensors model file.")],
+    criterion: Annotated[str, typer.Option("--criterion", "-c", help="See `prune-cli list criteria`.")] = "l1",
+    target_macs: Annotated[
+        float | None, typer.Option(help="Fraction of MACs to remove (0.5 = half).", rich_help_panel=O.PRUNE)
+    ] = None,
+    target_params: Annotated[
+        float | None, typer.Option(help="Fraction of parameters to remove.", rich_help_panel=O.PRUNE)
+    ] = None,
+    opt: Annotated[
+        list[str] | None,
+        typer.Option("--opt", help="Criterion option name=value (repeatable).", rich_help_panel=O.PRUNE),
+    ] = None,
+    mode: Annotated[str, typer.Option(help="uniform or global selection.", rich_help_panel=O.PRUNE)] = "uniform",
+    scope: Annotated[
+        str, typer.Option(help="internal or all (ResNet residual groups).", rich_help_panel=O.PRUNE)
+    ] = "internal",
+    round_to: Annotated[int, typer.Option(help="Keep a multiple of this many channels.", rich_help_panel=O.PRUNE)] = 1,
+    max_ratio: Annotated[float, typer.Option(help="Most a group may lose.", rich_help_panel=O.PRUNE)] = 0.9,
+    calib_images: Annotated[int, typer.Option(help="Calibration images for scoring.", rich_help_panel=O.PRUNE)] = 1024,
+    finetune_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs (0: none).", rich_help_panel=O.TRAIN)] = 0,
+    lr: O.Lr = 0.01,
+    batch_size: O.BatchSize = 128,
+    dataset: O.Dataset = None,
+    data_dir: O.DataDir = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Pruned model file.", rich_help_panel=O.OUTPUT)
+    ] = None,
+    latency_batches: O.LatencyBatches = "1,64",
+    seed: O.Seed = 0,
+    device: O.Device = None,
+    threads: O.Threads = None,
+    json: O.Json = False,
+    quiet: O.Quiet = False,
+) -> None:
+    """Prune MODEL_FILE with a criterion to a MACs (or params) target, fine-tune, and compare with the original.
+
+    Example: prune-cli prune base.safetensors --criterion dcs --target-macs 0.5 --finetune-epochs 10 --out p.safetensors
+    """
+    from prune_cli import pipeline, pruning
+    from prune_cli.api import Target
+    from prune_cli.config import parse_key_values
+    from prune_cli.errors import BadValue
+
+    ui.quiet = quiet
+    if (target_macs is None) == (target_params is None):
+        raise BadValue("give exactly one of --target-macs or --target-params (the fraction to remove)")
+    target = Target("macs", target_macs) if target_macs is not None else Target("params", target_params)  # type: ignore[arg-type]
+    if out is not None and out.suffix != ".safetensors":
+        raise BadValue(f"--out must end in .safetensors, got {out.name!r}")
+    dev = pipeline.setup_runtime(device, threads, seed)
+    job = pruning.PruneJob(
+        criterion=criterion, options=parse_key_values(opt), target=target, mode=mode, scope=scope,
+        round_to=round_to, max_ratio=max_ratio, calib_images=calib_images, finetune_epochs=finetune_epochs,
+        lr=lr, batch_size=batch_size, seed=seed, latency_batches=tuple(pipeline.parse_batches(latency_batches)),
+    )  # fmt: skip
+    with ui.RichReporter() as reporter:
+        outcome = pruning.run(model_file, job, dataset=dataset, data_dir=data_dir, device=dev, reporter=reporter,
+                              log=ui.info)  # fmt: skip
+    if out is not None:
+        pruning.save(outcome, out)
+    if json:
+        ui.print_json({**outcome.summary(), "out": str(out) if out else None})
+        return
+    show(outcome.summary(), job.latency_batches)
+
+
+def show(summary: dict, batches: tuple[int, ...]) -> None:
+    """The before/after table: one row per quantity, columns original / pruned / ratio."""
+    before, after = summary["before"], summary["after"]
+    rows = [
+        ["params", ui.human(before["params"]), ui.human(after["params"]), f"{before['params'] / after['params']:.2f}x"],
+        ["MACs", ui.human(before["macs"]), ui.human(after["macs"]), f"{before['macs'] / after['macs']:.2f}x"],
+        ["top-1 (test)", f"{before['top1']:.4f}", f"{after['top1_before_finetune']:.4f} before fine-tune", ""],
+    ]
+    if after.get("top1") is not None and summary["finetune_epochs"]:
+        rows.append(["", "", f"{after['top1']:.4f} after {summary['finetune_epochs']} epochs",
+                     f"{100 * (after['top1'] - before['top1']):+.2f} pt"])  # fmt: skip
+    for b in batches:
+        lb, la = before[f"latency_b{b}_ms"], after[f"latency_b{b}_ms"]
+        rows.append([f"latency b{b} (ms)", f"{lb:.3f}", f"{la:.3f}", f"{lb / la:.2f}x"])
+    ui.grid(["", "original", "pruned", "gain"], rows, title=f"{summary['criterion']} at {summary['target']}")
+    t = summary["target_report"]
+    ui.out.print(
+        f"target {t['metric']} reduction: requested {t['requested']:.3f}, achieved {t['achieved']:.3f}; "
+        f"scoring {summary['timings']['score_s']:.1f} s, surgery {summary['timings']['surgery_s']:.2f} s, "
+        f"fine-tune {summary['timings']['finetune_s']:.1f} s",
+        markup=False,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("prune")(ui.user_errors(prune))

@@ -1,0 +1,242 @@
+"""One pruning run: load a trained model file, score with a criterion, select, remove channels, fine-tune,
+evaluate before and after. `prune-cli prune` and `compare` call `run`; nothing here prints.
+
+Data flow (DESIGN.md): model file -> channel groups -> criterion.run(context) -> selection -> surgery
+-> fine-tune (same engine for every criterion) -> metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prune_cli import data as D
+from prune_cli import engine, pipeline, selection, surgery
+from prune_cli.api import (
+    Allocation,
+    CalibData,
+    ChannelGroup,
+    Context,
+    Criterion,
+    Dynamic,
+    Plan,
+    Result,
+    Scores,
+    Target,
+    check_result,
+    get_criterion,
+)  # fmt: skip
+from prune_cli.config import build_dataclass
+from prune_cli.errors import BadValue
+from prune_cli.modelfile import load_model, save_model
+
+
+@dataclass(frozen=True)
+class PruneJob:
+    """Everything that decides a pruning run's result (its hash keys run records in `compare`)."""
+
+    criterion: str = "l1"
+    options: Mapping[str, Any] = field(default_factory=dict)
+    target: Target = field(default_factory=Target)
+    mode: str = "uniform"
+    scope: str = "internal"
+    round_to: int = 1
+    max_ratio: float = 0.9
+    calib_images: int = 1024
+    finetune_epochs: int = 0
+    lr: float = 0.01
+    batch_size: int = 128
+    weight_decay: float = 5e-4
+    seed: int = 0
+    latency_batches: tuple[int, ...] = (1, 64)
+    # Re-estimate BatchNorm statistics after surgery (every criterion alike); "before fine-tune" includes it.
+    recalibrate_bn: bool = True
+
+    def __post_init__(self):
+        if self.finetune_epochs < 0 or self.calib_images < 1 or self.round_to < 1:
+            raise BadValue("fine-tune epochs must be >= 0, calibration images and round-to >= 1")
+        if not 0 < self.max_ratio < 1:
+            raise BadValue(f"--max-ratio must be in (0, 1), got {self.max_ratio}")
+        if self.mode not in ("uniform", "global"):
+            raise BadValue(f"selection mode must be uniform or global, got {self.mode!r}")
+        if self.scope not in ("internal", "all"):
+            raise BadValue(f"scope must be internal or all, got {self.scope!r}")
+
+
+@dataclass
+class Outcome:
+    job: PruneJob
+    dataset: str
+    base_file: str
+    model: nn.Module
+    result_kind: str
+    criterion_options: dict[str, Any]
+    before: dict[str, Any]
+    after: dict[str, Any]
+    target_report: dict[str, Any]
+    timings: dict[str, float]
+    history: list[dict]
+    widths: dict[str, int]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "criterion": self.job.criterion,
+            "options": self.criterion_options,
+            "result": self.result_kind,
+            "target": f"-{100 * self.job.target.reduction:.0f}% {self.job.target.metric}",
+            "dataset": self.dataset,
+            "base_file": self.base_file,
+            "finetune_epochs": self.job.finetune_epochs,
+            "seed": self.job.seed,
+            "before": self.before,
+            "after": self.after,
+            "target_report": self.target_report,
+            "timings": self.timings,
+            "widths": self.widths,
+        }
+
+
+def build_criterion(name: str, options: Mapping[str, Any]) -> Criterion:
+    """The criterion `name` with its Options parsed strictly (unknown option -> did-you-mean, exit 2)."""
+    cls = get_criterion(name)
+    return cls(build_dataclass(cls.Options, options, where=f"{name} option"))
+
+
+def make_context(
+    model: nn.Module, groups: list[ChannelGroup], splits: D.Splits, criterion: Criterion, job: PruneJob,
+    device: torch.device, log: Callable[[str], None] = lambda m: None, progress=None,
+) -> Context:  # fmt: skip
+    """The read-only context of a criterion: groups in scope, calibration data only if the criterion needs it."""
+    in_scope = selection.groups_in_scope(groups, job.scope)
+    calib: CalibData | None = None
+    if criterion.needs & {"data", "labels", "grad", "train"}:
+        calib = D.calib_data(splits, job.calib_images, device=device)
+    extra = {"progress": progress} if progress is not None else {}
+    return Context(
+        model=model.eval(), groups=tuple(in_scope), all_groups=tuple(groups),
+        example_input=pipeline.example_input(splits).to(device), num_classes=splits.num_classes,
+        target=job.target, calib=calib, device=device, seed=job.seed, log=log, **extra,
+    )  # fmt: skip
+
+
+def plan_from_result(result: Result, ctx: Context, job: PruneJob) -> tuple[dict, dict, dict]:
+    """(keep, overrides, target report) for a static result; Dynamic results never reach here."""
+    sel_args = dict(mode=job.mode, round_to=job.round_to, max_ratio=job.max_ratio)
+    match result:
+        case Scores():
+            report = selection.select(ctx.model, ctx.example_input, list(ctx.groups), result, job.target, **sel_args)
+            return report.keep, {}, report.as_dict()
+        case Allocation(rank=rank):
+            ranking = check_result(build_criterion(rank, {}).run(ctx), ctx.groups)
+            if not isinstance(ranking, Scores):
+                raise BadValue(f"allocation rank criterion {rank!r} must return scores")
+            report = selection.select(
+                ctx.model, ctx.example_input, list(ctx.groups), ranking, job.target, ratios=result, **sel_args
+            )
+            return report.keep, {}, report.as_dict()
+        case Plan(keep=keep, overrides=overrides):
+            report = selection.plan_report(ctx.model, ctx.example_input, keep, job.target)
+            return dict(keep), dict(overrides), report.as_dict()
+    raise BadValue(f"cannot make a keep plan from {type(result).__name__}")
+
+
+def run(
+    model_file: str | Path, job: PruneJob, *, dataset: str | None = None, data_dir: Path | None = None,
+    device: torch.device | None = None, reporter: engine.Reporter | None = None,
+    log: Callable[[str], None] = lambda m: None,
+) -> Outcome:  # fmt: skip
+    """Prune the model in `model_file` as `job` says; return the pruned model and before/after measurements."""
+    device = device or engine.default_device()
+    base = load_model(model_file, device)
+    info = getattr(base, "prune_cli_info", {})
+    dataset = dataset or info.get("dataset")
+    if dataset is None:
+        raise BadValue(f"{model_file} does not record its dataset: pass --dataset")
+    data_dir = data_dir or (Path(info["data_dir"]) if info.get("data_dir") else None)
+    splits = pipeline.load_splits(dataset, data_dir, model_name=base.prune_cli_arch["factory"], seed=job.seed)
+    criterion = build_criterion(job.criterion, job.options)
+    before = _measure(base, splits, job, device)
+    example = pipeline.example_input(splits).to(device)
+
+    t0 = time.perf_counter()
+    groups = surgery.channel_groups(base, example)
+    progress = reporter.counter if reporter is not None and hasattr(reporter, "counter") else None
+    ctx = make_context(base, groups, splits, criterion, job, device, log, progress)
+    log(f"scoring {len(ctx.groups)} channel groups with {job.criterion}")
+    torch.manual_seed(job.seed)
+    result = check_result(criterion.run(ctx), ctx.groups)
+    score_s = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    hooks = None
+    if isinstance(result, Dynamic):
+        pruned, hooks = result.model, result.hooks
+        target_report = {"metric": "macs per input", "requested": job.target.reduction, "achieved": None}
+        if result.extra.get("rebuild"):
+            pruned.prune_cli_dynamic = dict(result.extra["rebuild"])
+        pruned.prune_cli_arch = base.prune_cli_arch
+    else:
+        keep, overrides, target_report = plan_from_result(result, ctx, job)
+        pruned = surgery.prune(base, example, keep, overrides or None)
+    if job.recalibrate_bn and not isinstance(result, Dynamic):
+        engine.recalibrate_batchnorm(pruned, splits, device=device)
+    surgery_s = time.perf_counter() - t1
+    top1_before_ft = engine.evaluate(pruned, splits.test, splits, device=device).top1
+
+    history: list[dict] = []
+    t2 = time.perf_counter()
+    if job.finetune_epochs:
+        cfg = engine.TrainConfig(
+            epochs=job.finetune_epochs, batch_size=job.batch_size, lr=job.lr, weight_decay=job.weight_decay,
+            warmup_epochs=0.0, seed=job.seed,
+        )  # fmt: skip
+        log(f"fine-tuning {job.finetune_epochs} epochs at lr {job.lr}")
+        history = engine.train(pruned, splits, cfg, hooks=hooks, device=device, reporter=reporter, log=log).history
+    finetune_s = time.perf_counter() - t2
+
+    after = _measure(pruned, splits, job, device, dynamic=isinstance(result, Dynamic))
+    after["top1_before_finetune"] = top1_before_ft
+    if isinstance(result, Dynamic):
+        target_report["achieved"] = 1 - after["macs"] / before["macs"]
+    return Outcome(
+        job=job, dataset=dataset, base_file=str(model_file), model=pruned, result_kind=type(result).__name__,
+        criterion_options=asdict(criterion.options), before=before, after=after, target_report=target_report,
+        timings={"score_s": score_s, "surgery_s": surgery_s, "finetune_s": finetune_s}, history=history,
+        widths=_widths(pruned),
+    )  # fmt: skip
+
+
+def save(outcome: Outcome, path: Path) -> Path:
+    """Write the pruned model with its provenance (criterion, options, target, metrics, machine)."""
+    s = outcome.summary()
+    return save_model(
+        outcome.model.cpu(), path, kind="pruned", dataset=outcome.dataset, criterion=s["criterion"],
+        options=s["options"], target=s["target_report"], seed=outcome.job.seed, metrics=s["after"],
+        base=s["before"], base_file=outcome.base_file, history=outcome.history, machine=pipeline.machine(),
+    )  # fmt: skip
+
+
+def _measure(
+    model: nn.Module, splits: D.Splits, job: PruneJob, device: torch.device, dynamic: bool = False
+) -> dict[str, Any]:
+    out = {"top1": engine.evaluate(model, splits.test, splits, device=device).top1}
+    out.update(pipeline.measure(model, splits, latency_batches=job.latency_batches, device=device))
+    if dynamic:  # the cost depends on the input: average the executed MACs over test images
+        from prune_cli import metrics
+
+        x = D.to_float(splits.test.x[:1024], splits, device=device)
+        per_input, overhead = metrics.per_input_macs(model, x)
+        out["macs"] = float(per_input.mean())
+        out["macs_std"] = float(per_input.std())
+        out["overhead_macs"] = float(overhead.mean())
+    return out
+
+
+def _widths(model: nn.Module) -> dict[str, int]:
+    return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}

@@ -1,0 +1,7 @@
+"""Structural surgery: channel groups from the traced graph, and physical removal of channels."""
+
+from prune_cli.surgery.apply import apply_overrides, prune
+from prune_cli.surgery.cost import CostModel
+from prune_cli.surgery.graph import analyse, channel_groups, register_pass_through_leaf
+
+__all__ = ["CostModel", "analyse", "apply_overrides", "channel_groups", "prune", "register_pass_through_leaf"]

@@ -1,0 +1,113 @@
+"""Physical removal: keep-plan -> a new, smaller model with the same module names.
+
+For every module a removal touches, a boolean mask per dimension ("out", "in") is built from the groups' members
+(offsets for concatenation, `expand` for flatten -> Linear), then the module is rebuilt once from its kept slices
+by the per-type function in `ops.py`. The original model is never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from prune_cli.api import ChannelGroup
+from prune_cli.errors import PruneCliError
+from prune_cli.surgery import ops
+from prune_cli.surgery.graph import channel_groups
+
+# Which dimension of a module each member kind cuts.
+_DIMS = {"conv_out": ("out",), "linear_out": ("out",), "bn": ("out",), "conv_in": ("in",), "linear_in": ("in",),
+         "depthwise": ("out", "in")}  # fmt: skip
+
+
+def validate_keep(groups: list[ChannelGroup], keep: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Check a keep-plan against the groups; return it with int64 CPU indices."""
+    by_id = {g.id: g for g in groups}
+    out = {}
+    for gid, idx in keep.items():
+        g = by_id.get(gid)
+        if g is None:
+            raise PruneCliError(f"keep-plan names unknown channel group {gid!r}")
+        idx = torch.as_tensor(idx).to("cpu", torch.int64).flatten()
+        if idx.numel() == g.size and bool((idx == torch.arange(g.size)).all()):
+            continue  # keeps everything: nothing to do, allowed even for non-prunable groups
+        if not g.prunable:
+            raise PruneCliError(f"channel group {gid!r} is not prunable (image input, classifier output or grouped)")
+        if idx.numel() == 0:
+            raise PruneCliError(f"keep-plan for group {gid!r} keeps no channel; at least one must stay")
+        if int(idx.min()) < 0 or int(idx.max()) >= g.size:
+            raise PruneCliError(f"keep-plan for group {gid!r} has indices outside [0, {g.size})")
+        if not bool((idx[1:] > idx[:-1]).all()):
+            raise PruneCliError(f"keep-plan for group {gid!r} must hold sorted, unique indices")
+        out[gid] = idx
+    return out
+
+
+def masks_for(
+    groups: list[ChannelGroup], keep: Mapping[str, Tensor], model: nn.Module
+) -> dict[tuple[str, str], Tensor]:
+    """(module name, "out"|"in") -> boolean keep mask over that dimension, for every touched module."""
+    modules = dict(model.named_modules())
+    masks: dict[tuple[str, str], Tensor] = {}
+    by_id = {g.id: g for g in groups}
+    for gid, idx in keep.items():
+        g = by_id[gid]
+        removed = torch.ones(g.size, dtype=torch.bool)
+        removed[idx] = False
+        for m in g.members:
+            for dim in _DIMS[m.kind]:
+                key = (m.module, dim)
+                if key not in masks:
+                    masks[key] = torch.ones(ops.dim_size(modules[m.module], dim), dtype=torch.bool)
+                # channel c owns positions offset + c*expand ... offset + (c+1)*expand - 1 of this dimension
+                pos = m.offset + (torch.arange(g.size)[removed, None] * m.expand + torch.arange(m.expand)).flatten()
+                masks[key][pos] = False
+    return masks
+
+
+def prune(
+    model: nn.Module,
+    example_input: Tensor,
+    keep: Mapping[str, Tensor],
+    overrides: Mapping[str, Tensor] | None = None,
+    groups: list[ChannelGroup] | None = None,
+) -> nn.Module:
+    """A physically smaller copy of `model` keeping, for each group id in `keep`, the given channel indices.
+
+    Groups not named keep all channels. `overrides` replaces parameters/buffers of the pruned model by name
+    (shapes must match). Module names are preserved; `model` is untouched.
+    """
+    groups = groups if groups is not None else channel_groups(model, example_input)
+    keep = validate_keep(groups, keep)
+    new = copy.deepcopy(model)
+    masks = masks_for(groups, keep, new)
+    touched = sorted({name for name, _ in masks})
+    for name in touched:
+        old = new.get_submodule(name)
+        out_mask, in_mask = masks.get((name, "out")), masks.get((name, "in"))
+        _set_module(new, name, ops.shrink(old, out_mask, in_mask))
+    if overrides:
+        apply_overrides(new, overrides)
+    return new
+
+
+def apply_overrides(model: nn.Module, overrides: Mapping[str, Tensor]) -> None:
+    state = model.state_dict(keep_vars=True)
+    for name, value in overrides.items():
+        if name not in state:
+            raise PruneCliError(f"weight override names {name!r}, which the pruned model does not have")
+        if tuple(state[name].shape) != tuple(value.shape):
+            raise PruneCliError(
+                f"weight override {name!r} has shape {tuple(value.shape)}; the pruned model needs "
+                f"{tuple(state[name].shape)}"
+            )
+        with torch.no_grad():
+            state[name].copy_(value)
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)

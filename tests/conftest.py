@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny models of every supported shape and a small real calibration batch (digits)."""
+
+import pytest
+import torch
+from helpers import randomise_bn
+
+import models
+
+
+@pytest.fixture
+def tiny_vgg():
+    return randomise_bn(models.create_model("vgg11", num_classes=10, in_channels=3))
+
+
+@pytest.fixture
+def tiny_resnet():
+    return randomise_bn(models.create_model("resnet20", num_classes=10, in_channels=3))
+
+
+@pytest.fixture
+def example_input():
+    return torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="session")
+def digits_calib():
+    """A real calibration batch: 256 digits images (1x32x32, normalised) and labels."""
+    from prune_cli import data as D
+
+    splits = D.make_splits(D.load_dataset("digits"), seed=0)
+    return D.to_float(splits.train.x[:256], splits), splits.train.y[:256]

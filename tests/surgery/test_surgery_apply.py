@@ -1,0 +1,176 @@
+"""Physical removal: it equals zeroing, keeps names, costs what the cost model predicts, reloads, exports, and
+matches Torch-Pruning's counts for the same plan."""
+
+import copy
+
+import pytest
+import torch
+from helpers import concat_net, randomise_bn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import models
+from prune_cli.errors import PruneCliError
+from prune_cli.metrics import count_macs, count_params
+from prune_cli.modelfile import load_model, save_model
+from prune_cli.surgery import CostModel, channel_groups, prune
+
+ARCHS = {
+    "vgg11": lambda: models.create_model("vgg11"),
+    "resnet20": lambda: models.create_model("resnet20"),
+    "resnet50": lambda: models.create_model("resnet50"),
+    "tv_mobilenet_v2": lambda: models.create_model("torchvision:mobilenet_v2", num_classes=10),
+    "concat_net": concat_net,
+}
+X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def random_plan(groups, seed: int, p_prune: float = 0.7):
+    g = torch.Generator().manual_seed(seed)
+    plan = {}
+    for gr in groups:
+        if gr.prunable and torch.rand(1, generator=g) < p_prune:
+            k = int(torch.randint(1, gr.size + 1, (1,), generator=g))
+            plan[gr.id] = torch.randperm(gr.size, generator=g)[:k].sort().values
+    return plan
+
+
+def zeroed(model, groups, plan):
+    """The same model with the removed channels' outputs forced to exactly 0 (producers and BN weight/bias)."""
+    z = copy.deepcopy(model)
+    mods = dict(z.named_modules())
+    by_id = {g.id: g for g in groups}
+    with torch.no_grad():
+        for gid, idx in plan.items():
+            removed = torch.ones(by_id[gid].size, dtype=torch.bool)
+            removed[idx] = False
+            for m in by_id[gid].members:
+                mod = mods[m.module]
+                if m.kind in ("conv_out", "linear_out", "depthwise", "bn"):
+                    mod.weight[removed] = 0
+                    if mod.bias is not None:
+                        mod.bias[removed] = 0
+    return z
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10_000))
+def test_removal_equals_zeroing(arch, seed):
+    model = randomise_bn(ARCHS[arch]())
+    groups = channel_groups(model, X[:1])
+    plan = random_plan(groups, seed)
+    pruned = prune(model, X[:1], plan, groups=groups)
+    with torch.no_grad():
+        assert torch.allclose(pruned(X), zeroed(model, groups, plan)(X), atol=1e-5, rtol=1e-4)
+    # names preserved, original untouched, cost as predicted
+    assert {n for n, _ in pruned.named_modules()} == {n for n, _ in model.named_modules()}
+    macs, params = CostModel(model, X[:1]).cost({k: len(v) for k, v in plan.items()})
+    assert count_macs(pruned, X[:1]) == macs and count_params(pruned) == params
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_keeping_everything_is_the_identity(arch):
+    model = randomise_bn(ARCHS[arch]())
+    groups = channel_groups(model, X[:1])
+    pruned = prune(model, X[:1], {g.id: torch.arange(g.size) for g in groups if g.prunable}, groups=groups)
+    with torch.no_grad():
+        assert torch.equal(pruned(X), model(X))
+
+
+def test_original_is_untouched_and_pruned_is_smaller(tiny_resnet):
+    before = {k: v.clone() for k, v in tiny_resnet.state_dict().items()}
+    groups = channel_groups(tiny_resnet, X[:1])
+    pruned = prune(tiny_resnet, X[:1], {"layer1.0.conv1": torch.tensor([0, 3, 5])}, groups=groups)
+    assert all(torch.equal(before[k], v) for k, v in tiny_resnet.state_dict().items())
+    assert pruned.layer1[0].conv1.out_channels == 3 and pruned.layer1[0].bn1.num_features == 3
+    assert pruned.layer1[0].conv2.in_channels == 3 and tiny_resnet.layer1[0].conv1.out_channels == 16
+
+
+def test_saved_pruned_model_reloads_identically_and_exports(tiny_resnet, tmp_path):
+    groups = channel_groups(tiny_resnet, X[:1])
+    pruned = prune(tiny_resnet, X[:1], random_plan(groups, 3, p_prune=1.0), groups=groups)
+    loaded = load_model(save_model(pruned, tmp_path / "p.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(loaded(X), pruned(X))
+        traced = torch.jit.trace(loaded, X)
+        assert torch.allclose(traced(X), pruned(X), atol=1e-6)
+    exported = torch.export.export(loaded, (X,))
+    assert torch.allclose(exported.module()(X), pruned(X), atol=1e-5)
+
+
+def test_overrides_and_bad_plans(tiny_vgg):
+    groups = channel_groups(tiny_vgg, X[:1])
+    new_w = torch.ones(2, 3, 3, 3)
+    pruned = prune(tiny_vgg, X[:1], {"features.0": torch.tensor([1, 2])}, {"features.0.weight": new_w}, groups=groups)
+    assert torch.equal(pruned.features[0].weight, new_w)
+    bad = [
+        ({"nope": torch.tensor([0])}, "unknown channel group"),
+        ({"features.0": torch.tensor([], dtype=torch.long)}, "keeps no channel"),
+        ({"features.0": torch.tensor([3, 1])}, "sorted"),
+        ({"features.0": torch.tensor([64])}, "outside"),
+        ({"classifier.4": torch.tensor([0])}, "not prunable"),
+    ]
+    for plan, message in bad:
+        with pytest.raises(PruneCliError, match=message):
+            prune(tiny_vgg, X[:1], plan, groups=groups)
+    with pytest.raises(PruneCliError, match="shape"):
+        prune(tiny_vgg, X[:1], {"features.0": torch.tensor([1])}, {"features.0.weight": new_w}, groups=groups)
+
+
+@pytest.mark.parametrize("arch", ["vgg11", "resnet20", "resnet50"])
+def test_counts_equal_torch_pruning_for_the_same_plan(arch):
+    """Torch-Pruning 1.6.1 as an oracle: same plan, its own removal -> same params and MACs as ours."""
+    tp = pytest.importorskip("torch_pruning")
+    model = ARCHS[arch]().eval()
+    groups = channel_groups(model, X[:1])
+    plan = random_plan([g for g in groups if g.prunable], 7, p_prune=0.5)
+    ours = prune(model, X[:1], plan, groups=groups)
+    theirs = copy.deepcopy(model)
+    dg = tp.DependencyGraph().build_dependency(theirs, example_inputs=X[:1], verbose=False)
+    modules = dict(theirs.named_modules())
+    by_id = {g.id: g for g in groups}
+    for gid, idx in plan.items():
+        removed = sorted(set(range(by_id[gid].size)) - set(idx.tolist()))
+        producer = modules[by_id[gid].producers[0].module]
+        fn = tp.prune_conv_out_channels if isinstance(producer, nn.Conv2d) else tp.prune_linear_out_channels
+        dg.get_pruning_group(producer, fn, idxs=removed).prune()
+    assert count_params(ours) == count_params(theirs)
+    assert count_macs(ours, X[:1]) == count_macs(theirs, X[:1])
+    with torch.no_grad():
+        assert torch.allclose(ours(X), theirs(X), atol=1e-5)
+
+
+def _li_vgg16_pruned_a():
+    model = models.create_model("vgg16")
+    x = torch.randn(1, 3, 32, 32)
+    groups = [g for g in channel_groups(model, x) if g.prunable and g.id.startswith("features")]
+    widths = [32, 64, 128, 128, 256, 256, 256, 256, 256, 256, 256, 256, 256]  # methods_static.md 1(c)
+    plan = {g.id: torch.arange(w) for g, w in zip(groups, widths, strict=True)}
+    return model, x, plan
+
+
+def test_li_vgg16_pruned_a_macs_reduction():
+    """Li et al. Table 1: VGG-16 pruned-A removes 34.2% of MACs (3.13e8 -> 2.06e8)."""
+    model, x, plan = _li_vgg16_pruned_a()
+    pruned = prune(model, x, plan)
+    reduction = 1 - count_macs(pruned, x) / count_macs(model, x)
+    assert reduction == pytest.approx(0.342, abs=0.005)
+
+
+def test_li_resnet56_pruned_b_macs():
+    """Li et al. ResNet-56-B: first convs of blocks pruned 60/30/10% per stage, conv ids {16,18,20,34,38,54}
+    skipped (ids from 1 = stem; block b's first conv is 2 + 2b): 9.09e7 MACs with zero-padding shortcuts. Ours adds
+    the two projection shortcuts (262,144 MACs), so we check 9.09e7 + 0.26e6 within 1%."""
+    model = models.create_model("resnet56")
+    x = torch.randn(1, 3, 32, 32)
+    plan = {}
+    for b in range(27):
+        conv_id, stage = 2 + 2 * b, b // 9
+        if conv_id in {16, 18, 20, 34, 38, 54}:
+            continue
+        width = 16 * 2**stage
+        plan[f"layer{stage + 1}.{b % 9}.conv1"] = torch.arange(int(width * (1 - (0.6, 0.3, 0.1)[stage])))
+    macs = count_macs(prune(model, x, plan), x)
+    assert macs == pytest.approx(9.09e7 + 262_144, rel=0.01)

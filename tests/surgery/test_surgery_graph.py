@@ -1,0 +1,84 @@
+"""Channel groups from the traced graph: couplings, flags, and clear errors on what cannot be reasoned about."""
+
+import pytest
+import torch
+from helpers import concat_net
+from torch import nn
+
+import models
+from prune_cli.errors import UnsupportedGraph
+from prune_cli.surgery import channel_groups
+
+
+def by_id(groups):
+    return {g.id: g for g in groups}
+
+
+def test_vgg_groups_are_conv_bn_next_conv(tiny_vgg, example_input):
+    groups = by_id(channel_groups(tiny_vgg, example_input))
+    g = groups["features.0"]
+    assert g.prunable and not g.residual and g.size == 64
+    assert {(m.module, m.kind) for m in g.members} == {
+        ("features.0", "conv_out"), ("features.1", "bn"), ("features.4", "conv_in")
+    }  # fmt: skip
+    assert not groups["input"].prunable and not groups["classifier.4"].prunable  # image and logits
+    assert groups["classifier.1"].prunable  # the 512-wide hidden layer: Linear out + BN1d + Linear in
+
+
+def test_resnet_residual_group_spans_every_branch(tiny_resnet, example_input):
+    groups = by_id(channel_groups(tiny_resnet, example_input))
+    stage1 = groups["conv1"]
+    assert stage1.residual and stage1.size == 16
+    producers = {m.module for m in stage1.producers}
+    assert producers == {"conv1", "layer1.0.conv2", "layer1.1.conv2", "layer1.2.conv2"}
+    # the projection shortcut of stage 2 joins stage 2's residual group, and reads stage 1's
+    assert "layer2.0.shortcut.0" in {m.module for m in groups["layer2.0.conv2"].producers}
+    assert ("layer2.0.shortcut.0", "conv_in") in {(m.module, m.kind) for m in stage1.members}
+    assert not groups["layer1.0.conv1"].residual
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "vgg16_bn", "mobilenet_v2"])
+def test_torchvision_models(name):
+    model = models.create_model(f"torchvision:{name}", num_classes=10).eval()
+    groups = channel_groups(model, torch.randn(1, 3, 32, 32))
+    assert sum(g.prunable for g in groups) >= 10
+    assert not by_id(groups)["input"].prunable
+    if name == "mobilenet_v2":  # depthwise convs couple their in and out channels
+        kinds = {m.kind for g in groups for m in g.members}
+        assert "depthwise" in kinds
+
+
+def test_concat_offsets_and_flatten_expansion():
+    model = concat_net().eval()
+    groups = by_id(channel_groups(model, torch.randn(1, 3, 16, 16)))
+    a, b = groups["a"], groups["b"]
+    assert ("mix", "conv_in", 0) in {(m.module, m.kind, m.offset) for m in a.members}
+    assert ("mix", "conv_in", 6) in {(m.module, m.kind, m.offset) for m in b.members}
+    fc_in = [m for m in groups["mix"].members if m.kind == "linear_in"]
+    assert fc_in and fc_in[0].expand == 64  # 8x8 spatial positions per channel after flatten
+
+
+def test_unknown_op_names_the_node():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return torch.fft.fft2(self.conv(x)).real.sum((2, 3))
+
+    with pytest.raises(UnsupportedGraph, match="fft"):
+        channel_groups(Odd(), torch.randn(1, 3, 8, 8))
+
+
+def test_untraceable_model_is_a_clear_error():
+    class DataDependent(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(UnsupportedGraph, match="cannot trace"):
+        channel_groups(DataDependent(), torch.randn(1, 3, 4, 4))
+
+
+def test_groups_are_deterministic(tiny_resnet, example_input):
+    assert channel_groups(tiny_resnet, example_input) == channel_groups(tiny_resnet, example_input)

@@ -1,4 +1,7 @@
-"""Test helpers shared across test files (importable: tests/ is on pytest's pythonpath)."""
+"""Test helpers shared across test files.
+
+tests/support is on pytest's pythonpath (not tests/ itself: its criteria/ folder would shadow the criteria package).
+"""
 
 import torch
 from torch import nn

@@ -253,6 +253,8 @@ class Criterion:
     paper: ClassVar[str]
     needs: ClassVar[frozenset[str]] = frozenset()
     summary: ClassVar[str] = ""
+    # True for criteria that return Dynamic (their cost target is per input, checked by the method itself)
+    dynamic: ClassVar[bool] = False
 
     @dataclass(frozen=True)
     class Options:

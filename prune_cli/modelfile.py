@@ -72,8 +72,11 @@ def read_metadata(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise BadModelFile(f"no model file at {path}")
-    head = path.read_bytes()[:4]
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+    with open(path, "rb") as f:
+        head = f.read(9)
+    # A safetensors file starts with an 8-byte header length, then its JSON header; torch.save writes a zip
+    # archive (PK) or, in its legacy format, a pickle (0x80 protocol byte).
+    if head[8:9] != b"{" and (head[:2] == b"PK" or head[:1] == b"\x80"):
         raise BadModelFile(
             f"{path} is a PyTorch pickle (torch.save); prune-cli reads only .safetensors model files, "
             "never pickles (to start from your own weights use `--model FACTORY --weights FILE`)"

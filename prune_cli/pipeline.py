@@ -84,12 +84,22 @@ def measure(
 def machine() -> dict[str, Any]:
     """Where a result was measured (stored with every model file and run record)."""
     return {
-        "host_cpu": platform.processor() or platform.machine(),
-        "cpu_count": torch.get_num_threads(),
+        "cpu": _cpu_name(),
+        "threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def parse_batches(text: str) -> list[int]:

@@ -35,6 +35,7 @@ from prune_cli.api import (
 from prune_cli.config import build_dataclass
 from prune_cli.errors import BadValue
 from prune_cli.modelfile import load_model, save_model
+from prune_cli.surgery import CostModel
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class Outcome:
     timings: dict[str, float]
     history: list[dict]
     widths: dict[str, int]
+    input_shape: list[int]
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -168,6 +170,8 @@ def run(
     groups = surgery.channel_groups(base, example)
     progress = reporter.counter if reporter is not None and hasattr(reporter, "counter") else None
     ctx = make_context(base, groups, splits, criterion, job, device, log, progress)
+    if not criterion.dynamic:  # refuse an impossible target before spending time on scoring
+        selection.check_reachable(CostModel(base, example), list(ctx.groups), job.target, job.round_to, job.max_ratio)
     log(f"scoring {len(ctx.groups)} channel groups with {job.criterion}")
     torch.manual_seed(job.seed)
     result = check_result(criterion.run(ctx), ctx.groups)
@@ -208,7 +212,7 @@ def run(
         job=job, dataset=dataset, base_file=str(model_file), model=pruned, result_kind=type(result).__name__,
         criterion_options=asdict(criterion.options), before=before, after=after, target_report=target_report,
         timings={"score_s": score_s, "surgery_s": surgery_s, "finetune_s": finetune_s}, history=history,
-        widths=_widths(pruned),
+        widths=_widths(pruned), input_shape=list(splits.train.x.shape[1:]),
     )  # fmt: skip
 
 
@@ -216,9 +220,10 @@ def save(outcome: Outcome, path: Path) -> Path:
     """Write the pruned model with its provenance (criterion, options, target, metrics, machine)."""
     s = outcome.summary()
     return save_model(
-        outcome.model.cpu(), path, kind="pruned", dataset=outcome.dataset, criterion=s["criterion"],
-        options=s["options"], target=s["target_report"], seed=outcome.job.seed, metrics=s["after"],
-        base=s["before"], base_file=outcome.base_file, history=outcome.history, machine=pipeline.machine(),
+        outcome.model.cpu(), path, kind="pruned", dataset=outcome.dataset, input_shape=outcome.input_shape,
+        criterion=s["criterion"], options=s["options"], target=s["target_report"], seed=outcome.job.seed,
+        metrics=s["after"], base=s["before"], base_file=outcome.base_file, history=outcome.history,
+        machine=pipeline.machine(),
     )  # fmt: skip
 
 

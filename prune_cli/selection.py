@@ -119,6 +119,20 @@ def select(
     return _finish(cost, groups, scores, counts, target)
 
 
+def check_reachable(
+    cost: CostModel, groups: list[ChannelGroup], target: Target, round_to: int = 1, max_ratio: float = 0.9
+) -> float:
+    """The largest reduction the constraints allow; raises TargetUnreachable (before any scoring) if below target."""
+    most = {g.id: kept_count(g.size, max_ratio, round_to, max_ratio) for g in groups}
+    best = 1 - cost.metric(most, target.metric) / cost.base(target.metric)
+    if best + 1e-9 < target.reduction:
+        raise TargetUnreachable(
+            f"cannot remove {target.reduction:.1%} of the {target.metric}: the most the constraints allow is "
+            f"{best:.1%} (raise --max-ratio, use --scope all, or lower the target)"
+        )
+    return best
+
+
 def _bisect(reduction_at: Callable[[float], float], want: float, hi: float, counts_at) -> dict[str, int]:
     """Smallest parameter t in [0, hi] whose reduction reaches `want` (reduction is monotone in t)."""
     best = reduction_at(hi)

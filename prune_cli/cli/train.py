@@ -72,8 +72,9 @@ def train(
         "images_per_second": result.images_per_second if result.history else None,
     }
     save_model(
-        net.cpu(), out, kind="trained", dataset=dataset, data_dir=str(data_dir) if data_dir else None, seed=seed,
-        train=engine.config_dict(cfg), history=result.history, metrics=summary, machine=pipeline.machine(),
+        net.cpu(), out, kind="trained", dataset=dataset, input_shape=list(splits.train.x.shape[1:]),
+        data_dir=str(data_dir) if data_dir else None, seed=seed, train=engine.config_dict(cfg),
+        history=result.history, metrics=summary, machine=pipeline.machine(),
     )  # fmt: skip
     checkpoint.unlink(missing_ok=True)
     if json:

@@ -82,13 +82,19 @@ def prune(
     """
     groups = groups if groups is not None else channel_groups(model, example_input)
     keep = validate_keep(groups, keep)
-    new = copy.deepcopy(model)
-    masks = masks_for(groups, keep, new)
+    masks = masks_for(groups, keep, model)
     touched = sorted({name for name, _ in masks})
+    # Build the shrunk layers from the original, and let deepcopy skip them (placeholders in its memo): copying
+    # weights that are replaced right after would be most of the work.
+    shrunk = {}
+    memo: dict[int, object] = {}
     for name in touched:
-        old = new.get_submodule(name)
-        out_mask, in_mask = masks.get((name, "out")), masks.get((name, "in"))
-        _set_module(new, name, ops.shrink(old, out_mask, in_mask))
+        old = model.get_submodule(name)
+        shrunk[name] = ops.shrink(old, masks.get((name, "out")), masks.get((name, "in")))
+        memo[id(old)] = nn.Identity()
+    new = copy.deepcopy(model, memo)
+    for name, module in shrunk.items():
+        _set_module(new, name, module)
     if overrides:
         apply_overrides(new, overrides)
     return new

@@ -1,0 +1,89 @@
+"""Surgery benchmarks (issue 4). Prints figures; not a test.
+
+1. Wall time of removing the same plan, prune-cli vs Torch-Pruning 1.6.1 (each including its own graph analysis),
+   on resnet56, vgg16 and torchvision resnet50 (goal: ours <= 0.5x theirs).
+2. Measured CPU latency speed-up divided by MACs speed-up for resnet56 and vgg16 pruned 2x (scope all, uniform
+   L1), at batch 1 and 64 (goal >= 0.9).
+Usage: python benchmarks/surgery.py [--threads 2] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import models
+from prune_cli import pipeline
+from prune_cli.api import Context, Target, get_criterion
+from prune_cli.metrics import count_macs, measure_latency
+from prune_cli.selection import groups_in_scope, select
+from prune_cli.surgery import channel_groups, prune
+
+
+def half_plan(model, x):
+    groups = channel_groups(model, x)
+    return groups, {g.id: torch.arange(g.size // 2) for g in groups_in_scope(groups, "all")}
+
+
+def ours(model, x, plan):
+    t0 = time.perf_counter()
+    prune(model, x, plan)
+    return time.perf_counter() - t0
+
+
+def theirs(model, x, groups, plan):
+    import torch_pruning as tp
+
+    m = copy.deepcopy(model)  # not timed: ours copies inside prune(), so give TP the same head start
+    t0 = time.perf_counter()
+    dg = tp.DependencyGraph().build_dependency(m, example_inputs=x, verbose=False)
+    modules = dict(m.named_modules())
+    by_id = {g.id: g for g in groups}
+    for gid, idx in plan.items():
+        producer = modules[by_id[gid].producers[0].module]
+        fn = tp.prune_conv_out_channels if isinstance(producer, nn.Conv2d) else tp.prune_linear_out_channels
+        removed = sorted(set(range(by_id[gid].size)) - set(idx.tolist()))
+        dg.get_pruning_group(producer, fn, idxs=removed).prune()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"machine: {pipeline.machine()}")
+    print("\n1. surgery wall time, same plan (half of every prunable group), median of", args.repeats)
+    for name in ("resnet56", "vgg16", "torchvision:resnet50"):
+        model = models.create_model(name, num_classes=10).eval()
+        x = torch.randn(1, 3, 32, 32)
+        groups, plan = half_plan(model, x)
+        a = statistics.median(ours(model, x, plan) for _ in range(args.repeats))
+        b = statistics.median(theirs(model, x, groups, plan) for _ in range(args.repeats))
+        print(f"  {name:21s} ours {a * 1e3:8.1f} ms  Torch-Pruning {b * 1e3:8.1f} ms  ratio {a / b:.2f} (goal <= 0.5)")
+
+    print(f"\n2. latency speed-up / MACs speed-up, pruned 2x (uniform L1, scope all), {args.threads} threads, 32x32")
+    for name in ("resnet56", "vgg16"):
+        model = models.create_model(name, num_classes=10).eval()
+        x = torch.randn(1, 3, 32, 32)
+        groups = channel_groups(model, x)
+        scoped = groups_in_scope(groups, "all")
+        ctx = Context(model, tuple(scoped), tuple(groups), x, 10, Target("macs", 0.5))
+        sel = select(model, x, scoped, get_criterion("l1")().run(ctx), Target("macs", 0.5))
+        pruned = prune(model, x, sel.keep, groups=groups)
+        mac_speedup = count_macs(model, x) / count_macs(pruned, x)
+        for batch in (1, 64):
+            lb = measure_latency(model, (3, 32, 32), batch, max_seconds=3).median_ms
+            la = measure_latency(pruned, (3, 32, 32), batch, max_seconds=3).median_ms
+            print(f"  {name:9s} batch {batch:3d}: {lb:8.2f} -> {la:8.2f} ms  latency x{lb / la:.2f}"
+                  f"  MACs x{mac_speedup:.2f}  ratio {lb / la / mac_speedup:.2f} (goal >= 0.9)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

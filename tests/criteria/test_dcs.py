@@ -4,9 +4,19 @@ import pytest
 import torch
 from torch import nn
 
+import models
 from criteria.dcs import DCS, DCSOptions, channel_scores, dcs_scores, pooled_activations
 from prune_cli import api
 from prune_cli.errors import BadConfig, BadValue, PruneCliError
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small layers: one thread avoids OpenMP spinning on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def constructed(n_per_class: int = 60, classes: int = 3, seed: int = 0):
@@ -166,3 +176,21 @@ def test_pooling_a_flattened_group_reads_its_own_features():
     pooled = _pool(flat, member, channels, q=2)
     expected = torch.nn.functional.adaptive_avg_pool2d(maps[:, 1:], 2).flatten(2)
     assert torch.equal(pooled, expected)
+
+
+@pytest.mark.parametrize("name", ["vgg11", "resnet20"])
+def test_zoo_models_through_the_real_groups(name):
+    """Every prunable group of a zoo model gets finite scores in [0, 1]; the result passes the conformance check."""
+    from prune_cli.selection import groups_in_scope
+    from prune_cli.surgery import channel_groups
+
+    torch.manual_seed(0)
+    model = models.create_model(name, num_classes=4, in_channels=1).eval()
+    x, y = torch.randn(64, 1, 16, 16), torch.arange(4).repeat(16)
+    groups = tuple(groups_in_scope(channel_groups(model, x[:1]), "internal"))
+    ctx = api.Context(model=model, groups=groups, all_groups=groups, example_input=x[:1], num_classes=4,
+                      target=api.Target(), calib=api.CalibData(x, y))  # fmt: skip
+    result = api.check_result(DCS(DCSOptions(q=1)).run(ctx), groups)
+    assert set(result.per_group) == {g.id for g in groups}
+    for s in result.per_group.values():
+        assert float(s.max()) == pytest.approx(1.0) and float(s.min()) >= 0.0

@@ -26,9 +26,10 @@ Pipeline (`build`), with the project's decisions (METHODS.md section 6; shared/r
    subgraph's BatchNorm statistics are re-estimated on its cluster's training images (forward passes
    only), without which accuracy collapses once a few tens of percent of channels are gone.
 4. Inference: extractor, router; if the router's softmax confidence >= gamma the cluster's subgraph runs,
-   else the base tail (the full model). The output is the base classifier head over all classes; with
-   `restrict` (off by default) a routed input's logits outside its cluster's classes are -inf, which
-   helps only when the router is more accurate than an unrestricted subgraph on a misrouted input.
+   else the base tail (the full model). The output is the base classifier head; with `restrict` (default)
+   a routed input's logits outside its cluster's classes are -inf. A subgraph pruned to tell its
+   cluster's classes apart gives unreliable logits for the others: on fashion-mnist (ResNet-20, K = 5)
+   SINF's top-1 is 0.761 restricted and 0.599 unrestricted at the same routing (gamma 0).
 
 Files (`save` / `load`, no pickle): `sinf.json` (manifest: attachment node, clusters, widths of every
 subgraph, options, provenance), `base.safetensors` (the base model file), `router.safetensors`,
@@ -73,7 +74,7 @@ class SinfConfig:
     use_superclasses: bool = True
     threshold: float = 0.75  # validation cluster accuracy the router must reach
     gamma: float = 0.0  # router confidence below which the full model runs
-    restrict: bool = False
+    restrict: bool = True
     bn_recalibration: bool = True  # re-estimate each subgraph's BatchNorm statistics on its cluster's images
     router_hidden: int = 64
     router_epochs: int = 30
@@ -244,7 +245,7 @@ class SinfModel(nn.Module):
         clusters: Sequence[Sequence[int]],
         num_classes: int,
         gamma: float = 0.0,
-        restrict: bool = False,
+        restrict: bool = True,
     ):
         super().__init__()
         self.extractor, self.router, self.full_tail = extractor, router, full_tail

@@ -63,8 +63,11 @@ def test_routed_output_equals_extractor_then_chosen_subgraph(built, splits):
         assert torch.equal(model.last_route, chosen)
         assert len(chosen.unique()) > 1  # the check covers more than one subgraph
         for i in range(len(x)):
-            by_hand = model.subgraphs[int(chosen[i])](h[i : i + 1])
-            assert torch.allclose(out[i], by_hand[0], atol=1e-5)
+            m = int(chosen[i])
+            by_hand = model.subgraphs[m](h[i : i + 1])[0]
+            if model.restrict:  # the classes outside the routed cluster are ruled out
+                by_hand = by_hand.masked_fill(~model.allowed[m], float("-inf"))
+            assert torch.allclose(out[i], by_hand, atol=1e-5)
         # gamma = 1: every input falls back to the full model, whose output is the base's.
         model.gamma = 1.0
         try:
@@ -77,14 +80,19 @@ def test_routed_output_equals_extractor_then_chosen_subgraph(built, splits):
 def test_restrict_keeps_predictions_inside_the_routed_cluster(built, splits):
     model = built.model
     x = D.to_float(splits.test.x[:40], splits)
-    model.restrict = True
-    try:
-        with torch.no_grad():
-            pred = model(x).argmax(1)
+    assert model.restrict  # the default
+    with torch.no_grad():
+        pred = model(x).argmax(1)
         for p, m in zip(pred.tolist(), model.last_route.tolist(), strict=True):
             assert p in model.clusters[m]
-    finally:
-        model.restrict = CFG.restrict
+        model.restrict = False
+        try:
+            free = model(x)
+        finally:
+            model.restrict = CFG.restrict
+    h = model.extractor(x)
+    assert torch.isfinite(free).all()
+    assert torch.allclose(free[:1], model.subgraphs[int(model.last_route[0])](h[:1]), atol=1e-5)
 
 
 def test_macs_per_input_are_the_sum_of_the_parts(built, splits):

@@ -44,7 +44,7 @@ def build(
     ] = 0.0,
     restrict: Annotated[
         bool, typer.Option(help="Predict only among the routed cluster's classes.", rich_help_panel=SINF)
-    ] = False,
+    ] = True,
     bn_recalibration: Annotated[
         bool,
         typer.Option(

@@ -1,0 +1,401 @@
+"""ManiDP: Tang, Wang, Xu, Deng, Xu, Tao, Xu, "Manifold Regularized Dynamic Network Pruning", CVPR 2021
+(arXiv 2103.05861; official code huawei-noah/Pruning, ManiDP/). Returns a Dynamic model with training hooks.
+
+Gates (METHODS.md section 8): every gated conv gets a gate computed from the conv's input,
+    p = GAP(z);  h = ReLU(W1 p);  pi = min(ReLU(W2 h + b2), clamp_max)        (W1: hidden x C_in, no bias)
+with hidden = C_out if C_out < 80 else C_out / squeeze_rate, b2 initialised to 1.0, and the mask
+    m = pi * 1[pi >= xi_l]                                                    (kept channels are scaled by pi)
+applied to the output of the conv's BatchNorm (before the ReLU, which commutes with m >= 0). ResNet basic blocks:
+both convs; VGG: every conv but the stem. Shortcuts, the stem and the classifier are never gated.
+
+Loss (hooks.extra_loss, added to the engine's mean cross entropy):
+    lambda * sum_l mean_i(beta_i * mean_c pi_ic) + eta * sum_l ||T_l - R_l||_F^2 / B^2
+with beta_i = max(0, (C - CE_i) / C)^gamma, C = thre_cls * mean train CE of the previous epoch (before the first
+epoch: the gated model's mean CE on the calibration split, in eval mode), T_l / R_l the cosine Gram matrices of
+the layer's pooled pre-mask features (after the ReLU where the layer has one, as the official code pools
+conv_a's ReLU output and conv_b's BN output) and of its pre-threshold saliencies.
+
+Thresholds (hooks.on_epoch_end, 0-based epoch e >= 1): xi_l = the k-th largest epoch-mean saliency of layer l,
+k = ceil(r(e) * C_l), r(e) = (1+t)/2 + (1-t)/2 cos(pi (e+1)/E). xi starts at -10000 (nothing thresholded), so a
+one-epoch run prunes nothing but the channels whose saliency is exactly 0.
+
+t (`remain`): the target remain rate; by default derived from --target-macs by a static estimate (each gated
+conv costs t^2 of its MACs when its input is gated too, t otherwise). The realised per-input MACs differ
+(saliency decides per instance); `prune` reports them on the test set.
+
+Inference: batch 1 in eval mode really skips masked channels (the conv runs on the kept input channels and
+computes only the kept output channels); larger batches run dense and mask. Per-input MACs count the executed
+conv MACs plus the overhead: the gate's pooling (C_in H W additions), its two FC layers and the scaling of the
+kept channels (one multiplication per kept output value).
+
+`gate_init`: "kaiming" (official: W1, W2 Kaiming-normal) or "identity" (W2 = 0 so that pi = 1: the gated model
+starts as the base model exactly, which the tests use).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.resnet import BasicBlock, Bottleneck
+from models.vgg import VGG
+from prune_cli.api import Context, Criterion, Dynamic, TrainHooks, register_criterion
+from prune_cli.dynamic import DynamicModule
+from prune_cli.errors import BadValue
+
+THRESHOLD_INIT = -10000.0
+
+
+class SaliencyGate(nn.Module):
+    """GAP -> W1 -> ReLU -> W2 + b2 -> ReLU -> clamp, with w1 (C_in, hidden) and w2 (hidden, C_out) stored
+    input-major (one matmul each, no transpose). Raw parameters rather than nn.Linear: the model file records
+    Linear layers as part of the architecture, and the gates are not part of the base model."""
+
+    def __init__(self, c_in: int, c_out: int, hidden: int, clamp_max: float = 1000.0):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(c_in, hidden))
+        self.w2 = nn.Parameter(torch.empty(hidden, c_out))
+        self.b2 = nn.Parameter(torch.ones(c_out))
+        self.register_buffer("threshold", torch.tensor(THRESHOLD_INIT))
+        self.clamp_max = clamp_max
+        self.reset("kaiming")
+
+    def reset(self, init: str, generator: torch.Generator | None = None) -> None:
+        with torch.no_grad():
+            for w in (self.w1, self.w2):  # Kaiming normal (fan in, ReLU gain), drawn from `generator`
+                w.copy_(torch.randn(w.shape, generator=generator) * math.sqrt(2.0 / w.shape[0]))
+            if init == "identity":
+                self.w2.zero_()
+            self.b2.fill_(1.0)
+
+    @property
+    def macs(self) -> int:
+        """MACs of the two FC layers (per sample)."""
+        return self.w1.numel() + self.w2.numel()
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = torch.mm(z.mean((2, 3)), self.w1).relu_()
+        return torch.addmm(self.b2, h, self.w2).clamp_(0.0, self.clamp_max)
+
+
+class GatedConv2d(DynamicModule, nn.Conv2d):
+    """A conv with a ManiDP gate on its output channels; its input channels may be gated by `prev`.
+
+    Records `last_saliency` (N, C_out) and `last_mask` (N, C_out) for its BatchNorm and the hooks.
+    """
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, hidden: int, clamp_max: float, prev: GatedConv2d | None) -> GatedConv2d:
+        if conv.groups != 1:
+            raise BadValue("ManiDP gates only ungrouped convs")
+        new = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            bias=conv.bias is not None, padding_mode=conv.padding_mode,
+            device=conv.weight.device, dtype=conv.weight.dtype,
+        )  # fmt: skip
+        new.weight = conv.weight
+        if conv.bias is not None:
+            new.bias = conv.bias
+        new.gate = SaliencyGate(conv.in_channels, conv.out_channels, hidden, clamp_max).to(conv.weight.device)
+        new._prev = (prev,) if prev is not None else ()  # a tuple: not a submodule, not in the state dict
+        new.last_saliency = new.last_mask = new.last_kept = None
+        return new
+
+    @property
+    def prev(self) -> GatedConv2d | None:
+        return self._prev[0] if self._prev else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.refuse_proxy(x)
+        pi = self.gate(x)
+        mask = torch.where(pi >= self.gate.threshold, pi, 0.0)
+        self.last_saliency, self.last_mask = pi, mask
+        prev = self.prev
+        in_mask = prev.last_mask if prev is not None else None
+        if x.shape[0] == 1 and not self.training:
+            y = self._skipping(x, mask[0], prev.last_kept if prev is not None else None)
+        else:
+            y = super().forward(x)
+        shape = (x.shape[1], x.shape[2] * x.shape[3], y.shape[2] * y.shape[3])
+        self.record_lazy(lambda: self._costs(mask.detach(), in_mask, *shape))
+        return y
+
+    def _costs(self, mask: Tensor, in_mask: Tensor | None, c_in: int, hw_in: int, hw_out: int):
+        kept_out = (mask > 0).sum(1).to(torch.float64)
+        kept_in = (in_mask > 0).sum(1).to(torch.float64) if in_mask is not None else torch.full_like(kept_out, c_in)
+        overhead = torch.full_like(kept_out, float(c_in * hw_in + self.gate.macs))
+        k = self.kernel_size[0] * self.kernel_size[1]
+        return kept_in * kept_out * k * hw_out + overhead, overhead
+
+    def _skipping(self, x: Tensor, mask: Tensor, in_idx: Tensor | None) -> Tensor:
+        """One input: convolve only the kept input channels (`in_idx`, those the previous gate kept) into the
+        kept output channels; the others stay exactly zero."""
+        out_idx = torch.nonzero(mask, as_tuple=True)[0]
+        self.last_kept = out_idx
+        w, b = self.weight, self.bias
+        if in_idx is not None and len(in_idx) < self.in_channels:
+            x, w = x.index_select(1, in_idx), w.index_select(1, in_idx)
+        if len(out_idx) == self.out_channels:
+            return self._conv_forward(x, w, b)
+        w = w.index_select(0, out_idx)
+        b = b.index_select(0, out_idx) if b is not None else None
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        h_out = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        w_out = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        y = x.new_zeros(1, self.out_channels, h_out, w_out)
+        if len(out_idx):
+            y.index_copy_(1, out_idx, self._conv_forward(x, w, b))
+        return y
+
+
+class MaskedBatchNorm2d(DynamicModule, nn.BatchNorm2d):
+    """BatchNorm whose output is multiplied by its conv's mask; records the pooled pre-mask feature
+    (`last_feature`, (N, C), after a ReLU when `relu_feature`) and the scaling as overhead."""
+
+    @classmethod
+    def from_bn(cls, bn: nn.BatchNorm2d, source: GatedConv2d, relu_feature: bool) -> MaskedBatchNorm2d:
+        ref = bn.weight if bn.affine else bn.running_mean
+        device = ref.device if ref is not None else None
+        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device=device)
+        new.load_state_dict(bn.state_dict())
+        if bn.affine:
+            new.weight, new.bias = bn.weight, bn.bias
+        new._source = (source,)
+        new.relu_feature = relu_feature
+        new.last_feature = None
+        return new
+
+    def forward(self, y: Tensor) -> Tensor:
+        self.refuse_proxy(y)
+        out = super().forward(y)
+        if self.training or torch.is_grad_enabled():  # the manifold loss's features (not needed to infer)
+            self.last_feature = (F.relu(out) if self.relu_feature else out).mean((2, 3))
+        mask = self._source[0].last_mask
+        hw = out.shape[2] * out.shape[3]
+        self.record_lazy(lambda: ((mask.detach() > 0).sum(1).to(torch.float64) * hw,) * 2)
+        return out * mask.view(*mask.shape, 1, 1).to(out.dtype)
+
+
+# ----------------------------------------------------------------------------------------------- wrapping
+def hidden_width(c_out: int, squeeze_rate: int) -> int:
+    return c_out if c_out < 80 else max(1, c_out // squeeze_rate)
+
+
+def gated_layers(model: nn.Module) -> list[tuple[GatedConv2d, MaskedBatchNorm2d]]:
+    """(conv, its masked BatchNorm) pairs in module order."""
+    norms = {id(m._source[0]): m for m in model.modules() if isinstance(m, MaskedBatchNorm2d)}
+    return [(m, norms[id(m)]) for m in model.modules() if isinstance(m, GatedConv2d)]
+
+
+def _gate_sites(model: nn.Module) -> list[tuple[nn.Module, str, str, str | None, bool]]:
+    """(parent, conv attr, bn attr, attr of the conv gating this conv's input or None, relu after bn)."""
+    sites = []
+    if isinstance(model, VGG):
+        feats = model.features
+        names = [n for n, m in feats.named_children() if isinstance(m, nn.Conv2d)]
+        previous = None
+        for i, n in enumerate(names):
+            j = int(n)
+            if not (isinstance(feats[j + 1], nn.BatchNorm2d) and isinstance(feats[j + 2], nn.ReLU)):
+                raise BadValue("ManiDP on VGG needs conv -> BatchNorm -> ReLU in every stage")
+            if i > 0:  # the stem is never gated
+                between = [feats[k] for k in range(int(names[i - 1]) + 3, j)]
+                gated_input = previous if all(isinstance(m, (nn.MaxPool2d, nn.ReLU)) for m in between) else None
+                sites.append((feats, n, str(j + 1), gated_input, True))
+                previous = n
+        return sites
+    blocks = [m for m in model.modules() if isinstance(m, BasicBlock)]
+    if not blocks or any(isinstance(m, Bottleneck) for m in model.modules()):
+        raise BadValue("ManiDP supports prune-cli's basic-block ResNets (resnet20/32/56/110/18/34) and VGGs")
+    for b in blocks:
+        sites.append((b, "conv1", "bn1", None, True))
+        sites.append((b, "conv2", "bn2", "conv1", False))
+    return sites
+
+
+def wrap(model: nn.Module, config: Mapping[str, Any], generator: torch.Generator | None = None) -> nn.Module:
+    """Gate `model` in place as `config` says (squeeze_rate, clamp_max, gate_init)."""
+    squeeze, clamp_max = int(config.get("squeeze_rate", 2)), float(config.get("clamp_max", 1000.0))
+    for parent, conv_name, bn_name, prev_name, relu in _gate_sites(model):
+        conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
+        prev = getattr(parent, prev_name) if prev_name is not None else None
+        gated = GatedConv2d.from_conv(conv, hidden_width(conv.out_channels, squeeze), clamp_max, prev)
+        gated.gate.reset(config.get("gate_init", "kaiming"), generator)
+        setattr(parent, conv_name, gated)
+        setattr(parent, bn_name, MaskedBatchNorm2d.from_bn(bn, gated, relu))
+    return model
+
+
+# -------------------------------------------------------------------------------------------------- losses
+def cosine_gram(v: Tensor) -> Tensor:
+    """(B, D) -> (B, B) cosine similarities of the rows."""
+    u = F.normalize(v.flatten(1).float(), dim=1)
+    return u @ u.t()
+
+
+def manifold_loss(features: list[Tensor], saliencies: list[Tensor]) -> Tensor:
+    """sum_l ||T_l - R_l||_F^2 / B^2 with T, R the cosine Gram matrices of features and saliencies."""
+    total = features[0].new_zeros((), dtype=torch.float32)
+    for f, s in zip(features, saliencies, strict=True):
+        total = total + (cosine_gram(f) - cosine_gram(s)).pow(2).sum() / f.shape[0] ** 2
+    return total
+
+
+def instance_weights(ce: Tensor, complexity: float, gamma: float = 1.0) -> Tensor:
+    """beta_i = max(0, (C - CE_i) / C)^gamma: easy instances (low CE) are pruned harder; hard ones not at all."""
+    c = max(float(complexity), 1e-12)
+    return ((c - ce.detach().float()) / c).clamp_min(0.0).pow(gamma)
+
+
+def sparsity_loss(saliencies: list[Tensor], beta: Tensor) -> Tensor:
+    """sum_l mean_i(beta_i * mean_c pi_ic) on the pre-threshold saliencies."""
+    return sum((beta * s.float().mean(1)).mean() for s in saliencies)
+
+
+def remain_rate(epoch: int, epochs: int, target: float) -> float:
+    """r(e) = (1+t)/2 + (1-t)/2 cos(pi (e+1)/E): 1 at the start, t after the last epoch (0-based e)."""
+    return (1 + target) / 2 + (1 - target) / 2 * math.cos(math.pi * (epoch + 1) / epochs)
+
+
+def threshold_for(mean_saliency: Tensor, rate: float) -> float:
+    """The k-th largest mean saliency, k = ceil(rate * C)."""
+    k = min(len(mean_saliency), max(1, math.ceil(rate * len(mean_saliency) - 1e-9)))
+    return float(mean_saliency.topk(k).values[-1])
+
+
+class ManiDPHooks(TrainHooks):
+    """Training hooks: sparsity + manifold loss per batch, thresholds and the complexity C per epoch."""
+
+    def __init__(self, remain: float, lam: float, eta: float, gamma: float, thre_cls: float, complexity: float):
+        self.remain, self.lam, self.eta, self.gamma, self.thre_cls = remain, lam, eta, gamma, thre_cls
+        self.complexity = complexity
+        self.history: list[dict[str, Any]] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self.ce_sum, self.seen = 0.0, 0
+        self.saliency_sums: list[Tensor] | None = None
+
+    def extra_loss(self, model, x, y, logits, per_sample_ce):
+        layers = gated_layers(model)
+        pis = [conv.last_saliency for conv, _ in layers]
+        feats = [bn.last_feature for _, bn in layers]
+        beta = instance_weights(per_sample_ce, self.complexity, self.gamma)
+        with torch.no_grad():
+            self.ce_sum += float(per_sample_ce.detach().float().sum())
+            self.seen += len(per_sample_ce)
+            sums = [p.detach().float().sum(0) for p in pis]
+            old = self.saliency_sums
+            self.saliency_sums = sums if old is None else [a + b for a, b in zip(old, sums, strict=True)]
+        return self.lam * sparsity_loss(pis, beta) + self.eta * manifold_loss(feats, pis)
+
+    def on_epoch_end(self, model, epoch, epochs, stats):
+        if self.seen:
+            self.complexity = self.thre_cls * self.ce_sum / self.seen
+        record: dict[str, Any] = {"epoch": epoch, "complexity": self.complexity}
+        if epoch >= 1 and self.saliency_sums is not None:
+            rate = remain_rate(epoch, epochs, self.remain)
+            for (conv, _), total in zip(gated_layers(model), self.saliency_sums, strict=True):
+                conv.gate.threshold.fill_(threshold_for(total / self.seen, rate))
+            record["rate"] = rate
+        self.history.append(record)
+        self._reset()
+
+    def no_weight_decay(self, name: str) -> bool:
+        return ".gate." in name or name.startswith("gate.")
+
+
+def estimate_remain(base: nn.Module, gated: nn.Module, example_input: Tensor, keep: float) -> float:
+    """t such that gated convs at t (t^2 when their input is gated too) keep `keep` of the base model's MACs."""
+    from prune_cli.dynamic import per_input_macs
+
+    layers = gated_layers(gated)
+    costs: dict[int, float] = {}
+
+    def hook(m, _args, out):
+        costs[id(m)] = float(out[0].numel() * m.in_channels * m.kernel_size[0] * m.kernel_size[1])
+
+    handles = [c.register_forward_hook(hook) for c, _ in layers]
+    try:
+        with torch.no_grad():
+            gated(example_input[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    dense = float(per_input_macs(base, example_input[:1])[0][0])
+    rest = dense - sum(costs.values())
+
+    def kept(t: float) -> float:
+        return rest + sum(costs[id(c)] * (t * t if c.prev is not None else t) for c, _ in layers)
+
+    if kept(0.0) > keep * dense:
+        raise BadValue(f"manidp cannot reach -{100 * (1 - keep):.0f}% MACs: the ungated layers alone cost more")
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if kept(mid) <= keep * dense else (lo, mid)
+    return max(lo, 1e-3)
+
+
+@register_criterion()
+class ManiDP(Criterion):
+    name = "manidp"
+    paper = "2103.05861"
+    needs = frozenset({"data", "labels", "train"})
+    dynamic = True
+    summary = "learned per-input channel gates with a manifold (similarity) regulariser (dynamic; trains)"
+
+    @dataclass(frozen=True)
+    class Options:
+        remain: float | None = None  # target remain rate t; None: from --target-macs (static estimate)
+        lambda_sparsity: float = 5e-3
+        eta: float = 1.0  # weight of the manifold term
+        gamma: float = 1.0
+        thre_cls: float = 0.5
+        squeeze_rate: int = 2
+        clamp_max: float = 1000.0
+        gate_init: Literal["kaiming", "identity"] = "kaiming"
+
+    def run(self, ctx: Context) -> Dynamic:
+        o = self.options
+        if o.remain is not None and not 0 < o.remain <= 1:
+            raise BadValue(f"manidp remain must be in (0, 1], got {o.remain}")
+        if o.squeeze_rate < 1 or o.clamp_max <= 0 or o.thre_cls <= 0:
+            raise BadValue("manidp squeeze-rate must be >= 1, clamp-max and thre-cls > 0")
+        config = {"criterion": self.name, "squeeze_rate": o.squeeze_rate, "clamp_max": o.clamp_max,
+                  "gate_init": o.gate_init}  # fmt: skip
+        model = wrap(copy.deepcopy(ctx.model), config, ctx.generator(salt=31)).to(ctx.device).eval()
+        if o.remain is not None:
+            remain = o.remain
+        elif ctx.target.metric == "macs":
+            remain = estimate_remain(ctx.model, model, ctx.example_input, ctx.target.keep)
+        else:
+            raise BadValue("manidp reduces MACs per input, not parameters: use --target-macs or set remain")
+        complexity = o.thre_cls * _mean_ce(model, ctx)
+        hooks = ManiDPHooks(remain, o.lambda_sparsity, o.eta, o.gamma, o.thre_cls, complexity)
+        n_gated = len(gated_layers(model))
+        ctx.log(f"manidp: {n_gated} gated convs, target remain rate {remain:.3f}, C = {complexity:.4f}")
+        return Dynamic(model=model, hooks=hooks, extra={"rebuild": config, "remain": remain, "complexity": complexity})
+
+    @classmethod
+    def rebuild(cls, model: nn.Module, config: dict[str, Any]) -> nn.Module:
+        """Gate a freshly built base model as `config` says; gates and thresholds come with the state dict."""
+        return wrap(model, config)
+
+
+@torch.no_grad()
+def _mean_ce(model: nn.Module, ctx: Context) -> float:
+    calib = ctx.require_calib()
+    total, n = 0.0, 0
+    for x, y in calib.batches(256):
+        logits = model(x.to(ctx.device))
+        total += float(F.cross_entropy(logits.float(), y.to(ctx.device), reduction="sum"))
+        n += len(y)
+    return total / max(n, 1)

@@ -160,9 +160,9 @@ class HashConv2d(DynamicModule, nn.Conv2d):
         if self.center == "channel":  # pixels outside the image are 0 in every channel, so 0 after centring
             v = tiles - tiles.mean(dim=2, keepdim=True)
         else:
-            valid = g["valid"].to(tiles.dtype)
-            mean = (tiles * valid).sum(-1, keepdim=True) / valid.sum(-1)[:, None, None]
-            v = (tiles - mean) * valid[:, None, :]
+            valid = g["valid"].to(tiles.dtype)[:, None, :]  # (T, 1, d)
+            mean = (tiles * valid).sum(-1, keepdim=True) / valid.sum(-1, keepdim=True)
+            v = (tiles - mean) * valid
         bits = (v @ self.planes[:L].to(v.dtype).t()) > 0
         weights = 2 ** torch.arange(L, device=tiles.device, dtype=torch.int64)
         return (bits.to(torch.int64) * weights).sum(-1)

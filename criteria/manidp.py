@@ -88,7 +88,10 @@ class SaliencyGate(nn.Module):
 class GatedConv2d(DynamicModule, nn.Conv2d):
     """A conv with a ManiDP gate on its output channels; its input channels may be gated by `prev`.
 
-    Records `last_saliency` (N, C_out) and `last_mask` (N, C_out) for its BatchNorm and the hooks.
+    The mask is applied to the output of the conv's BatchNorm by a forward hook on that (unchanged) BatchNorm,
+    which also pools the pre-mask feature for the manifold loss (`last_feature`, after a ReLU when
+    `relu_feature`). The BatchNorm stays a plain nn.BatchNorm2d, so the model file's architecture and the
+    state dict keys are those of the base model plus the gates. Records `last_saliency` and `last_mask` (N, C_out).
     """
 
     @classmethod
@@ -105,8 +108,20 @@ class GatedConv2d(DynamicModule, nn.Conv2d):
             new.bias = conv.bias
         new.gate = SaliencyGate(conv.in_channels, conv.out_channels, hidden, clamp_max).to(conv.weight.device)
         new._prev = (prev,) if prev is not None else ()  # a tuple: not a submodule, not in the state dict
-        new.last_saliency = new.last_mask = new.last_kept = None
+        new.last_saliency = new.last_mask = new.last_kept = new.last_feature = None
+        new.relu_feature = False
         return new
+
+    def attach_norm(self, bn: nn.BatchNorm2d, relu_feature: bool) -> None:
+        """Mask the output of `bn` (the BatchNorm after this conv) with this conv's mask."""
+        self.relu_feature = relu_feature
+        bn.register_forward_hook(self._mask_norm_output)
+
+    def _mask_norm_output(self, bn: nn.Module, args, out: Tensor) -> Tensor:
+        if self.training or torch.is_grad_enabled():  # the manifold loss's features (not needed to infer)
+            self.last_feature = (F.relu(out) if self.relu_feature else out).mean((2, 3))
+        mask = self.last_mask
+        return out * mask.view(*mask.shape, 1, 1).to(out.dtype)
 
     @property
     def prev(self) -> GatedConv2d | None:
@@ -130,7 +145,8 @@ class GatedConv2d(DynamicModule, nn.Conv2d):
     def _costs(self, mask: Tensor, in_mask: Tensor | None, c_in: int, hw_in: int, hw_out: int):
         kept_out = (mask > 0).sum(1).to(torch.float64)
         kept_in = (in_mask > 0).sum(1).to(torch.float64) if in_mask is not None else torch.full_like(kept_out, c_in)
-        overhead = torch.full_like(kept_out, float(c_in * hw_in + self.gate.macs))
+        # gate: pooling (C_in * H * W additions) + two FC layers; scaling: one product per kept output value
+        overhead = float(c_in * hw_in + self.gate.macs) + kept_out * hw_out
         k = self.kernel_size[0] * self.kernel_size[1]
         return kept_in * kept_out * k * hw_out + overhead, overhead
 
@@ -155,43 +171,14 @@ class GatedConv2d(DynamicModule, nn.Conv2d):
         return y
 
 
-class MaskedBatchNorm2d(DynamicModule, nn.BatchNorm2d):
-    """BatchNorm whose output is multiplied by its conv's mask; records the pooled pre-mask feature
-    (`last_feature`, (N, C), after a ReLU when `relu_feature`) and the scaling as overhead."""
-
-    @classmethod
-    def from_bn(cls, bn: nn.BatchNorm2d, source: GatedConv2d, relu_feature: bool) -> MaskedBatchNorm2d:
-        ref = bn.weight if bn.affine else bn.running_mean
-        device = ref.device if ref is not None else None
-        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device=device)
-        new.load_state_dict(bn.state_dict())
-        if bn.affine:
-            new.weight, new.bias = bn.weight, bn.bias
-        new._source = (source,)
-        new.relu_feature = relu_feature
-        new.last_feature = None
-        return new
-
-    def forward(self, y: Tensor) -> Tensor:
-        self.refuse_proxy(y)
-        out = super().forward(y)
-        if self.training or torch.is_grad_enabled():  # the manifold loss's features (not needed to infer)
-            self.last_feature = (F.relu(out) if self.relu_feature else out).mean((2, 3))
-        mask = self._source[0].last_mask
-        hw = out.shape[2] * out.shape[3]
-        self.record_lazy(lambda: ((mask.detach() > 0).sum(1).to(torch.float64) * hw,) * 2)
-        return out * mask.view(*mask.shape, 1, 1).to(out.dtype)
-
-
 # ----------------------------------------------------------------------------------------------- wrapping
 def hidden_width(c_out: int, squeeze_rate: int) -> int:
     return c_out if c_out < 80 else max(1, c_out // squeeze_rate)
 
 
-def gated_layers(model: nn.Module) -> list[tuple[GatedConv2d, MaskedBatchNorm2d]]:
-    """(conv, its masked BatchNorm) pairs in module order."""
-    norms = {id(m._source[0]): m for m in model.modules() if isinstance(m, MaskedBatchNorm2d)}
-    return [(m, norms[id(m)]) for m in model.modules() if isinstance(m, GatedConv2d)]
+def gated_layers(model: nn.Module) -> list[GatedConv2d]:
+    """The gated convs in module order."""
+    return [m for m in model.modules() if isinstance(m, GatedConv2d)]
 
 
 def _gate_sites(model: nn.Module) -> list[tuple[nn.Module, str, str, str | None, bool]]:
@@ -229,7 +216,7 @@ def wrap(model: nn.Module, config: Mapping[str, Any], generator: torch.Generator
         gated = GatedConv2d.from_conv(conv, hidden_width(conv.out_channels, squeeze), clamp_max, prev)
         gated.gate.reset(config.get("gate_init", "kaiming"), generator)
         setattr(parent, conv_name, gated)
-        setattr(parent, bn_name, MaskedBatchNorm2d.from_bn(bn, gated, relu))
+        gated.attach_norm(bn, relu)
     return model
 
 
@@ -285,8 +272,8 @@ class ManiDPHooks(TrainHooks):
 
     def extra_loss(self, model, x, y, logits, per_sample_ce):
         layers = gated_layers(model)
-        pis = [conv.last_saliency for conv, _ in layers]
-        feats = [bn.last_feature for _, bn in layers]
+        pis = [conv.last_saliency for conv in layers]
+        feats = [conv.last_feature for conv in layers]
         beta = instance_weights(per_sample_ce, self.complexity, self.gamma)
         with torch.no_grad():
             self.ce_sum += float(per_sample_ce.detach().float().sum())
@@ -302,7 +289,7 @@ class ManiDPHooks(TrainHooks):
         record: dict[str, Any] = {"epoch": epoch, "complexity": self.complexity}
         if epoch >= 1 and self.saliency_sums is not None:
             rate = remain_rate(epoch, epochs, self.remain)
-            for (conv, _), total in zip(gated_layers(model), self.saliency_sums, strict=True):
+            for conv, total in zip(gated_layers(model), self.saliency_sums, strict=True):
                 conv.gate.threshold.fill_(threshold_for(total / self.seen, rate))
             record["rate"] = rate
         self.history.append(record)
@@ -322,7 +309,7 @@ def estimate_remain(base: nn.Module, gated: nn.Module, example_input: Tensor, ke
     def hook(m, _args, out):
         costs[id(m)] = float(out[0].numel() * m.in_channels * m.kernel_size[0] * m.kernel_size[1])
 
-    handles = [c.register_forward_hook(hook) for c, _ in layers]
+    handles = [c.register_forward_hook(hook) for c in layers]
     try:
         with torch.no_grad():
             gated(example_input[:1])
@@ -333,7 +320,7 @@ def estimate_remain(base: nn.Module, gated: nn.Module, example_input: Tensor, ke
     rest = dense - sum(costs.values())
 
     def kept(t: float) -> float:
-        return rest + sum(costs[id(c)] * (t * t if c.prev is not None else t) for c, _ in layers)
+        return rest + sum(costs[id(c)] * (t * t if c.prev is not None else t) for c in layers)
 
     if kept(0.0) > keep * dense:
         raise BadValue(f"manidp cannot reach -{100 * (1 - keep):.0f}% MACs: the ungated layers alone cost more")

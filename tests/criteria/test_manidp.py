@@ -1,0 +1,289 @@
+"""ManiDP (arXiv 2103.05861): gates, batch-1 skipping, per-input MACs, losses, thresholds, hooks, save/reload."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import models
+from criteria.manidp import (
+    THRESHOLD_INIT,
+    GatedConv2d,
+    ManiDPHooks,
+    gated_layers,
+    instance_weights,
+    manifold_loss,
+    remain_rate,
+    sparsity_loss,
+    wrap,
+)
+from prune_cli.api import CalibData, Context, Dynamic, Target, check_result, get_criterion
+from prune_cli.dynamic import per_input_macs
+from prune_cli.errors import BadValue
+from prune_cli.metrics import count_macs
+from prune_cli.modelfile import load_model, save_model
+
+IDENTITY = {"criterion": "manidp", "gate_init": "identity"}
+
+
+def gated(model, config=IDENTITY):
+    return wrap(copy.deepcopy(model), config).eval()
+
+
+def set_constant_gates(model, seed=0, threshold=0.5):
+    """pi_c = relu(b2_c) for every input (w2 = 0); channels with b2 >= threshold are kept."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for conv in gated_layers(model):
+            conv.gate.w2.zero_()
+            conv.gate.b2.copy_(torch.rand(conv.out_channels, generator=g) * 1.5)
+            conv.gate.threshold.fill_(threshold)
+
+
+def set_random_gates(model, seed=0, threshold=1.0):
+    """Input-dependent saliencies around 1 (moderate, so that activations stay in range)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for conv in gated_layers(model):
+            conv.gate.w1.copy_(torch.randn(conv.gate.w1.shape, generator=g) * 0.3)
+            conv.gate.w2.copy_(torch.randn(conv.gate.w2.shape, generator=g) * 0.3)
+            conv.gate.threshold.fill_(threshold)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_resnet", "tiny_vgg"])
+def test_gates_with_every_saliency_kept_reproduce_the_base_model(fixture, request):
+    base = request.getfixturevalue(fixture)
+    model = gated(base)  # identity init: pi = relu(0 * h + 1) = 1 exactly, and the threshold is -10000
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(model(x), base(x))
+        assert torch.equal(model(x[:1]), base(x[:1]))  # the skipping path, nothing to skip
+    total, overhead = per_input_macs(model, x)
+    assert torch.equal(total - overhead, torch.full((4,), float(count_macs(base, x[:1])), dtype=torch.float64))
+    assert torch.all(overhead > 0)
+
+
+def test_gate_sites_resnet_and_vgg(tiny_resnet, tiny_vgg):
+    r = gated(tiny_resnet)
+    names = [n for n, m in r.named_modules() if isinstance(m, GatedConv2d)]
+    assert len(names) == 18 and names[:2] == ["layer1.0.conv1", "layer1.0.conv2"]
+    assert r.layer1[0].conv2.prev is r.layer1[0].conv1 and r.layer1[0].conv1.prev is None
+    assert type(r.layer2[0].bn2) is nn.BatchNorm2d and len(r.layer2[0].bn2._forward_hooks) == 1  # masks via a hook
+    assert type(r.conv1) is nn.Conv2d and not r.bn1._forward_hooks  # the stem is never gated
+    assert type(r.layer2[0].shortcut[0]) is nn.Conv2d and type(r.fc) is nn.Linear
+    v = gated(tiny_vgg)
+    convs = [m for m in v.features if isinstance(m, nn.Conv2d)]
+    assert type(convs[0]) is nn.Conv2d and all(isinstance(c, GatedConv2d) for c in convs[1:])
+    assert convs[1].prev is None and convs[2].prev is convs[1]
+    with pytest.raises(BadValue, match="basic-block"):
+        wrap(models.create_model("resnet50"), IDENTITY)
+
+
+def test_saliency_scaled_mask_by_hand(tiny_resnet):
+    model = gated(tiny_resnet)
+    set_constant_gates(model)
+    x = torch.randn(2, 3, 16, 16)
+    conv = model.layer1[0].conv1
+    relu_out = []
+    with torch.no_grad():
+        model(x)
+        b2 = conv.gate.b2
+        want = torch.where(b2 >= 0.5, b2, torch.zeros_like(b2))
+        assert torch.equal(conv.last_mask, want.expand(2, -1))
+        # the block's first output: relu(bn(conv(x)) * m)
+        ref = F.relu(tiny_resnet.layer1[0].bn1(tiny_resnet.layer1[0].conv1(torch.relu(tiny_resnet.bn1(
+            tiny_resnet.conv1(x)))))) * want[None, :, None, None]  # fmt: skip
+        h = model.layer1[0].conv2.register_forward_pre_hook(lambda m, a: relu_out.append(a[0]))
+        model(x)
+        h.remove()
+    assert torch.allclose(relu_out[0], ref, atol=1e-6)
+
+
+def test_per_input_macs_by_hand(tiny_resnet):
+    model = gated(tiny_resnet)
+    set_constant_gates(model)
+    x = torch.randn(3, 3, 16, 16)
+    total, overhead = per_input_macs(model, x)
+    sizes = _spatial_sizes(model, x[:1])
+    want_total, want_over = float(count_macs(tiny_resnet, x[:1])), 0.0
+    for conv in gated_layers(model):
+        k_out = int((conv.gate.b2 >= 0.5).sum())
+        k_in = int((conv.prev.gate.b2 >= 0.5).sum()) if conv.prev is not None else conv.in_channels
+        hw_in, hw_out = sizes[conv]
+        want_total -= (conv.in_channels * conv.out_channels - k_in * k_out) * 9 * hw_out
+        gate = conv.in_channels * hw_in + conv.gate.w1.numel() + conv.gate.w2.numel()  # pooling + 2 FCs
+        want_over += gate + k_out * hw_out  # + scaling of the kept channels
+    assert torch.equal(overhead, torch.full((3,), want_over, dtype=torch.float64))
+    assert torch.equal(total, torch.full((3,), want_total + want_over, dtype=torch.float64))
+
+
+def _spatial_sizes(model, x):
+    """{conv: (input pixels, output pixels)} for every conv of `model`."""
+    sizes = {}
+    hooks = [m.register_forward_hook(lambda m, a, o: sizes.__setitem__(m, (a[0][0, 0].numel(), o[0, 0].numel())))
+             for m in model.modules() if isinstance(m, nn.Conv2d)]  # fmt: skip
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return sizes
+
+
+@pytest.mark.parametrize("fixture", ["tiny_resnet", "tiny_vgg"])
+def test_batch_one_really_skips_and_matches_the_batched_masking(fixture, request):
+    model = gated(request.getfixturevalue(fixture))
+    set_random_gates(model)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        batched, macs = model(x), per_input_macs(model, x)[0]
+        single = torch.cat([model(x[i : i + 1]) for i in range(4)])
+        single_macs = torch.cat([per_input_macs(model, x[i : i + 1])[0] for i in range(4)])
+    assert torch.allclose(single, batched, rtol=1e-4, atol=1e-5 * batched.abs().max())
+    assert torch.equal(single_macs, macs)
+    assert macs.max() < 0.8 * count_macs(request.getfixturevalue(fixture), x[:1])  # channels were masked
+    # the batch-1 conv really ran on the kept channels only: its FLOPs shrink with the masks
+    from torch.utils.flop_counter import FlopCounterMode
+
+    conv = gated_layers(model)[1]
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x[:1])
+    executed = counter.get_flop_counts()["Global"][torch.ops.aten.convolution] // 2
+    counted = sum(float(c.last_macs[0] - c.last_overhead[0]) for c in gated_layers(model))
+    sizes = _spatial_sizes(model, x[:1])
+    ungated = sum(
+        sizes[m][1] * m.out_channels * m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+        for m in model.modules()
+        if type(m) is nn.Conv2d
+    )  # fmt: skip  (stem, shortcuts)
+    assert executed == int(counted) + ungated
+    assert len(conv.last_kept) < conv.out_channels
+
+
+def test_manifold_loss_zero_for_identical_similarities():
+    g = torch.Generator().manual_seed(0)
+    pi = torch.rand(6, 10, generator=g)
+    assert float(manifold_loss([pi * 3.0], [pi])) == pytest.approx(0.0, abs=1e-6)  # same cosine Gram matrix
+    feats = torch.rand(6, 12, generator=g)
+    assert float(manifold_loss([feats], [pi])) > 1e-4
+    # by hand: orthogonal features (T = I) against identical saliencies (R = all ones), B = 2: 2 / 4
+    t = torch.eye(2)
+    r = torch.ones(2, 3)
+    assert float(manifold_loss([t, t], [r, r])) == pytest.approx(2 * 0.5)
+
+
+def test_instance_weights_and_sparsity_loss():
+    ce = torch.tensor([0.0, 0.5, 1.0, 3.0])
+    beta = instance_weights(ce, complexity=1.0, gamma=1.0)
+    assert torch.allclose(beta, torch.tensor([1.0, 0.5, 0.0, 0.0]))
+    assert torch.allclose(instance_weights(ce, 1.0, gamma=2.0), torch.tensor([1.0, 0.25, 0.0, 0.0]))
+    pis = [torch.ones(4, 3), torch.full((4, 5), 2.0)]
+    assert float(sparsity_loss(pis, beta)) == pytest.approx((1.5 * 1 + 1.5 * 2) / 4)
+
+
+def test_thresholds_follow_the_cosine_schedule(tiny_resnet):
+    model = gated(tiny_resnet)
+    layers = gated_layers(model)
+    hooks = ManiDPHooks(remain=0.6, lam=5e-3, eta=1.0, gamma=1.0, thre_cls=0.5, complexity=1.0)
+    epochs = 5
+    assert remain_rate(-1, epochs, 0.6) == pytest.approx(1.0) and remain_rate(epochs - 1, epochs, 0.6) == pytest.approx(
+        0.6
+    )
+    g = torch.Generator().manual_seed(0)
+    for epoch in range(epochs):
+        sums = [torch.rand(c.out_channels, generator=g) * 8 for c in layers]
+        hooks.saliency_sums, hooks.seen, hooks.ce_sum = [s.clone() for s in sums], 8, 8 * (1.0 + epoch)
+        hooks.on_epoch_end(model, epoch, epochs, {})
+        assert hooks.complexity == pytest.approx(0.5 * (1.0 + epoch))  # thre_cls * mean CE of the epoch
+        for conv, s in zip(layers, sums, strict=True):
+            if epoch == 0:  # no threshold after the first epoch
+                assert float(conv.gate.threshold) == THRESHOLD_INIT
+                continue
+            r = (1 + 0.6) / 2 + (1 - 0.6) / 2 * math.cos(math.pi * (epoch + 1) / epochs)
+            k = math.ceil(r * conv.out_channels - 1e-9)
+            assert float(conv.gate.threshold) == pytest.approx(float(torch.sort(s / 8, descending=True).values[k - 1]))
+            assert int((s / 8 >= conv.gate.threshold).sum()) == k
+    assert [h.get("rate") for h in hooks.history][1:] == pytest.approx(
+        [remain_rate(e, epochs, 0.6) for e in range(1, epochs)]
+    )
+
+
+def test_no_weight_decay_on_gates(tiny_resnet):
+    model = gated(tiny_resnet)
+    hooks = ManiDPHooks(0.6, 5e-3, 1.0, 1.0, 0.5, 1.0)
+    names = [n for n, _ in model.named_parameters()]
+    free = [n for n in names if hooks.no_weight_decay(n)]
+    assert len(free) == 18 * 3 and all(".gate." in n for n in free)
+    assert not hooks.no_weight_decay("layer1.0.conv1.weight") and not hooks.no_weight_decay("fc.weight")
+
+
+def test_short_training_with_the_hooks(digits_calib):
+    """A minimal loop calling the hooks as the engine does: the losses are finite, the gates learn, thresholds
+    are set after the second epoch and the trained model prunes at batch 1."""
+    x, y = digits_calib
+    torch.manual_seed(0)
+    base = models.create_model("resnet20", num_classes=10, in_channels=1).eval()
+    ctx = Context(base, (), (), x[:1], 10, Target("macs", 0.5), calib=CalibData(x[:64], y[:64]), seed=0)
+    cls = get_criterion("manidp")
+    result = check_result(cls(cls.Options(lambda_sparsity=0.05)).run(ctx), ())
+    assert isinstance(result, Dynamic) and isinstance(result.hooks, ManiDPHooks)
+    model, hooks = result.model, result.hooks
+    assert 0.3 < result.extra["remain"] < 1 and hooks.complexity > 0
+    decay = [p for n, p in model.named_parameters() if not hooks.no_weight_decay(n)]
+    free = [p for n, p in model.named_parameters() if hooks.no_weight_decay(n)]
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": free, "weight_decay": 0.0}], lr=0.02,
+                          momentum=0.9, nesterov=True)  # fmt: skip
+    epochs, before = 3, copy.deepcopy([p.detach().clone() for p in free])
+    for epoch in range(epochs):
+        model.train()
+        for i in range(0, 64, 16):
+            xb, yb = x[i : i + 16], y[i : i + 16]
+            logits = model(xb)
+            ce = F.cross_entropy(logits, yb, reduction="none")
+            extra = hooks.extra_loss(model, xb, yb, logits, ce.detach())
+            assert extra is not None and torch.isfinite(extra) and extra.requires_grad
+            loss = ce.mean() + extra
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        hooks.on_epoch_end(model, epoch, epochs, {"train_loss": float(loss.detach())})
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, free, strict=True))
+    thresholds = [float(c.gate.threshold) for c in gated_layers(model)]
+    assert all(t > THRESHOLD_INIT for t in thresholds)
+    model.eval()
+    total, _ = per_input_macs(model, x[:8])
+    assert torch.all(total < count_macs(base, x[:1]))  # the schedule ended at t < 1: channels are skipped
+
+
+def test_params_target_and_bad_options_are_refused(tiny_resnet, example_input):
+    cls = get_criterion("manidp")
+    calib = CalibData(torch.randn(4, 3, 16, 16), torch.zeros(4, dtype=torch.long))
+    ctx = Context(tiny_resnet, (), (), example_input, 10, Target("params", 0.3), calib=calib)
+    with pytest.raises(BadValue, match="MACs"):
+        cls().run(ctx)
+    with pytest.raises(BadValue):
+        cls(cls.Options(remain=1.5)).run(ctx)
+    assert cls(cls.Options(remain=0.7)).run(ctx).extra["remain"] == 0.7
+
+
+def test_safetensors_round_trip_rebuilds_identical_model(tmp_path):
+    base = models.create_model("resnet20").eval()
+    model = wrap(copy.deepcopy(base), {"criterion": "manidp"}, torch.Generator().manual_seed(0)).eval()
+    set_random_gates(model, threshold=0.9)
+    config = {"criterion": "manidp", "squeeze_rate": 2, "clamp_max": 1000.0, "gate_init": "kaiming"}
+    x = torch.randn(3, 3, 16, 16)
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    fresh = get_criterion("manidp").rebuild(models.create_model("resnet20"), config)
+    fresh.load_state_dict(load_file(str(tmp_path / "w.safetensors")))
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x)) and torch.equal(fresh(x[:1]), model(x[:1]))
+    model.prune_cli_arch, model.prune_cli_dynamic = base.prune_cli_arch, config
+    loaded = load_model(save_model(model, tmp_path / "m.safetensors"))
+    assert [float(c.gate.threshold) for c in gated_layers(loaded)] == pytest.approx([0.9] * 18)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert torch.equal(per_input_macs(loaded, x)[0], per_input_macs(model, x)[0])

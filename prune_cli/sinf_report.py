@@ -128,7 +128,7 @@ def evaluate(
             sub = model.subgraphs[m](h[rows.to(h.device)]).float().cpu().masked_fill(~allowed[m], float("-inf"))
             base_within = base_logits[rows].masked_fill(~allowed[m], float("-inf"))
             stats["n"][m] += len(rows)
-            stats["route"][m] += float((route[rows] == m).sum())
+            stats["route"][m] += float((cluster.cpu()[rows] == m).sum())  # the router's choice, fallback or not
             stats["base"][m] += float((base_logits[rows].argmax(1) == y[rows]).sum())
             stats["sinf"][m] += float((sinf_logits[rows].argmax(1) == y[rows]).sum())
             stats["base_within"][m] += float((base_within.argmax(1) == y[rows]).sum())

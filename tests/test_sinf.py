@@ -185,3 +185,15 @@ def test_cli_build_and_eval(base, tmp_path):
     assert row["storage"]["subgraphs_params_total"] > 0
     result = runner.invoke(app, ["sinf", "eval", str(tmp_path)])
     assert result.exit_code == 2 and "not a SINF folder" in result.output
+
+
+def test_full_fallback_reports_the_base_and_keeps_route_accuracy(built, splits):
+    routed = sinf_report.evaluate(built, splits.test, splits)
+    built.model.gamma = 1.0
+    try:
+        fallback = sinf_report.evaluate(built, splits.test, splits)
+    finally:
+        built.model.gamma = CFG.gamma
+    assert fallback["fallback_rate"] == 1.0 and fallback["top1"] == pytest.approx(fallback["base_top1"])
+    assert fallback["route_acc"] == pytest.approx(routed["route_acc"])  # the router's choice, used or not
+    assert fallback["macs_per_input"] == fallback["base_macs"] + fallback["macs_router"]

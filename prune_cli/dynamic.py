@@ -134,6 +134,13 @@ def per_input_macs(model: nn.Module, x: Tensor, batch_size: int = 256) -> tuple[
     One forward in eval mode (in chunks of `batch_size`): dynamic modules' records plus the static conv/linear
     MACs of all other conv/linear layers. Works for static models too (then overhead is zero).
     """
+    _, total, overhead = forward_with_macs(model, x, batch_size)
+    return total, overhead
+
+
+@torch.no_grad()
+def forward_with_macs(model: nn.Module, x: Tensor, batch_size: int = 256) -> tuple[Tensor, Tensor, Tensor]:
+    """(outputs, total MACs (N,), overhead MACs (N,)) of one eval-mode forward over `x` in chunks."""
     was_training = model.training
     model.eval()
     static = _static_layers(model)
@@ -144,7 +151,7 @@ def per_input_macs(model: nn.Module, x: Tensor, batch_size: int = 256) -> tuple[
         counts.append(_static_macs(module, output))
 
     handles = [m.register_forward_hook(hook) for m in static]
-    totals, overheads = [], []
+    outputs, totals, overheads = [], [], []
     try:
         for i in range(0, len(x), batch_size):
             xb = x[i : i + batch_size]
@@ -152,7 +159,7 @@ def per_input_macs(model: nn.Module, x: Tensor, batch_size: int = 256) -> tuple[
             counts.clear()
             for m in dyn:
                 m.clear_record()
-            model(xb)
+            outputs.append(model(xb))
             total = torch.full((n,), float(sum(counts)), dtype=torch.float64)
             overhead = torch.zeros(n, dtype=torch.float64)
             for m in dyn:
@@ -166,4 +173,4 @@ def per_input_macs(model: nn.Module, x: Tensor, batch_size: int = 256) -> tuple[
         for h in handles:
             h.remove()
         model.train(was_training)
-    return torch.cat(totals), torch.cat(overheads)
+    return torch.cat(outputs), torch.cat(totals), torch.cat(overheads)

@@ -1,0 +1,169 @@
+"""Dynamic-method benchmarks (issue 7). Prints figures; not a test.
+
+1. `latency` (default): HASTE and ManiDP at batch 1 on resnet20: measured latency gain divided by the per-input MAC
+   gain (goal >= 0.5), and each method's own overhead as a share of its MACs.
+   - Model: `--model FILE` (a trained prune-cli model file; inputs are its test images) or a random-init model of
+     `--arch` on 3x32x32 with smooth-noise inputs (HASTE's data-free search inputs). Random init is fine for
+     timing: HASTE's cost depends on the activations' redundancy, not on accuracy.
+   - HASTE: L found by its own search for `--target` (MACs reduction), reduced per-tile path at batch 1.
+   - ManiDP: untrained gates (official Kaiming init, seed 0) whose thresholds are set as the schedule's last step
+     sets them: per layer the k-th largest mean saliency over the inputs, k = ceil(t C_l), t = `--remain`.
+   Dense and dynamic forwards are timed alternately on the same inputs (cycled), median over all passes.
+2. `haste-accuracy --model FILE`: HASTE at several MACs targets on the model's full test set: top-1, per-input MACs
+   (mean, std), overhead; `--out` writes the JSON.
+
+Usage: python benchmarks/dynamic.py [latency|haste-accuracy] [--threads 2] [--model FILE] [--arch resnet20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import models
+from criteria import haste, manidp
+from prune_cli import data as D
+from prune_cli import pipeline
+from prune_cli.api import Context, Target
+from prune_cli.dynamic import forward_with_macs, per_input_macs
+from prune_cli.modelfile import load_model
+
+
+def inputs_for(args) -> tuple[torch.nn.Module, torch.Tensor, str, object]:
+    if args.model:
+        base = load_model(args.model)
+        info = base.prune_cli_info
+        splits = pipeline.load_splits(info["dataset"], None, model_name=base.prune_cli_arch["factory"], seed=0)
+        x = D.to_float(splits.test.x[: args.images], splits)
+        return base, x, f"{args.model} ({info['dataset']} test images)", splits
+    torch.manual_seed(0)
+    base = models.create_model(args.arch).eval()
+    x = haste.search_images(args.images, (3, 32, 32), "smooth-noise", torch.Generator().manual_seed(1))
+    return base, x, f"random-init {args.arch}, 3x32x32 smooth noise", None
+
+
+@torch.no_grad()
+def timed(models_: dict[str, torch.nn.Module], x: torch.Tensor, rounds: int, per_round: int) -> dict[str, float]:
+    """Median batch-1 forward time (ms) per model; models alternate round by round on the same inputs."""
+    times: dict[str, list[float]] = {k: [] for k in models_}
+    for m in models_.values():
+        for i in range(3):
+            m(x[i : i + 1])
+    for r in range(rounds):
+        for name, m in models_.items():
+            for i in range(per_round):
+                xi = x[(r * per_round + i) % len(x)][None]
+                t0 = time.perf_counter()
+                m(xi)
+                times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def manidp_model(base: torch.nn.Module, x: torch.Tensor, remain: float) -> torch.nn.Module:
+    model = manidp.wrap(copy.deepcopy(base), {"gate_init": "kaiming"}, torch.Generator().manual_seed(0)).eval()
+    sums = None
+    with torch.no_grad():
+        for i in range(0, len(x), 64):
+            model(x[i : i + 64])
+            s = [c.last_saliency.sum(0) for c in manidp.gated_layers(model)]
+            sums = s if sums is None else [a + b for a, b in zip(sums, s, strict=True)]
+        for conv, total in zip(manidp.gated_layers(model), sums, strict=True):
+            conv.gate.threshold.fill_(manidp.threshold_for(total / len(x), remain))
+    return model
+
+
+def latency(args) -> None:
+    base, x, source, _ = inputs_for(args)
+    dense_macs = float(per_input_macs(base, x[:1])[0][0])
+    ctx = Context(base, (), (), x[:1], 10, Target("macs", args.target))
+    hashed = haste.Haste().run(ctx)
+    gated = manidp_model(base, x, args.remain)
+    ms = timed({"dense": base, "haste": hashed.model, "manidp": gated}, x, args.rounds, args.per_round)
+    print(f"inputs: {source}; {torch.get_num_threads()} threads; {len(x)} inputs; batch 1")
+    print(f"dense: {dense_macs / 1e6:.2f} MMACs, {ms['dense']:.3f} ms")
+    labels = {"haste": f"HASTE (L={hashed.extra['hyperplanes']}, search target -{args.target:.0%})",
+              "manidp": f"ManiDP (t={args.remain}, untrained gates)"}  # fmt: skip
+    rows = []
+    for name, model in (("haste", hashed.model), ("manidp", gated)):
+        total, overhead = per_input_macs(model, x)
+        mac_gain = 1 - float(total.mean()) / dense_macs
+        lat_gain = 1 - ms[name] / ms["dense"]
+        rows.append({
+            "method": name, "label": labels[name], "macs_mean": float(total.mean()), "macs_std": float(total.std()),
+            "mac_gain": mac_gain, "overhead_share": float(overhead.mean() / total.mean()), "latency_ms": ms[name],
+            "latency_gain": lat_gain, "ratio": lat_gain / mac_gain if mac_gain else float("nan"),
+        })  # fmt: skip
+        r = rows[-1]
+        print(
+            f"{labels[name]}: {r['macs_mean'] / 1e6:.2f} +- {r['macs_std'] / 1e6:.2f} MMACs/input "
+            f"(gain {mac_gain:+.1%}, overhead {r['overhead_share']:.1%} of MACs); {ms[name]:.3f} ms "
+            f"(gain {lat_gain:+.1%}); latency gain / MAC gain = {r['ratio']:+.2f} (goal >= 0.5)"
+        )
+    if args.out:
+        Path(args.out).write_text(json.dumps({"source": source, "threads": torch.get_num_threads(),
+                                              "dense_macs": dense_macs, "dense_ms": ms["dense"], "rows": rows},
+                                             indent=2))  # fmt: skip
+
+
+@torch.no_grad()
+def haste_accuracy(args) -> None:
+    if not args.model:
+        raise SystemExit("haste-accuracy needs --model FILE (a trained model file)")
+    base, _, source, splits = inputs_for(args)
+    x, y = D.to_float(splits.test.x, splits), splits.test.y
+    example = x[:1]
+    t0 = time.perf_counter()
+    logits, dense_macs, _ = forward_with_macs(base, x, 500)
+    results = {"model": args.model, "test_images": len(x), "threads": torch.get_num_threads(),
+               "base": {"top1": float((logits.argmax(1) == y).float().mean()), "macs": float(dense_macs[0]),
+                        "seconds": time.perf_counter() - t0}, "runs": []}  # fmt: skip
+    print(f"{source}: base top-1 {results['base']['top1']:.4f}, {float(dense_macs[0]) / 1e6:.2f} MMACs")
+    for target in args.targets:
+        t0 = time.perf_counter()
+        result = haste.Haste().run(Context(base, (), (), example, 10, Target("macs", target)))
+        logits, total, overhead = forward_with_macs(result.model, x, 500)
+        run = {
+            "target": target, "hyperplanes": result.extra["hyperplanes"],
+            "search_reduction": result.extra["search"]["reduction"],
+            "top1": float((logits.argmax(1) == y).float().mean()),
+            "macs_mean": float(total.mean()), "macs_std": float(total.std()),
+            "macs_reduction": 1 - float(total.mean()) / float(dense_macs[0]),
+            "overhead_mean": float(overhead.mean()), "seconds": time.perf_counter() - t0,
+        }  # fmt: skip
+        results["runs"].append(run)
+        print(
+            f"target -{target:.1%}: L={run['hyperplanes']}, top-1 {run['top1']:.4f} "
+            f"({100 * (run['top1'] - results['base']['top1']):+.2f} pt), MACs/input {run['macs_mean'] / 1e6:.2f} "
+            f"+- {run['macs_std'] / 1e6:.2f} M (-{run['macs_reduction']:.1%} on test, -{run['search_reduction']:.1%}"
+            f" on search noise), overhead {run['overhead_mean'] / run['macs_mean']:.1%}, {run['seconds']:.0f} s"
+        )
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("task", nargs="?", default="latency", choices=["latency", "haste-accuracy"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default=None, help="a trained prune-cli model file")
+    parser.add_argument("--arch", default="resnet20", help="random-init architecture when no --model")
+    parser.add_argument("--images", type=int, default=64, help="inputs for MACs and timing (latency task)")
+    parser.add_argument("--target", type=float, default=0.4, help="HASTE search target (MACs reduction)")
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.3, 0.4, 0.467, 0.5])
+    parser.add_argument("--remain", type=float, default=0.6, help="ManiDP target remain rate t")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--per-round", type=int, default=16)
+    parser.add_argument("--out", default=None, help="write the figures as JSON")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    latency(args) if args.task == "latency" else haste_accuracy(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -5,6 +5,7 @@ The CLI commands, `compare` and the tests call these; they hold no terminal code
 
 from __future__ import annotations
 
+import os
 import platform
 from collections.abc import Sequence
 from pathlib import Path
@@ -78,7 +79,18 @@ def measure(
         out[f"latency_b{b}_spread_ms"] = lat.spread_ms
     out["threads"] = torch.get_num_threads()
     out["device"] = str(device)
+    # Other busy processes make CPU latency meaningless (threads wait for each other's time slices): record it.
+    out["load_average"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return out
+
+
+def busy_machine_warning(measured: dict[str, Any]) -> str | None:
+    """A warning when the machine was busier than its cores while latency was measured, else None."""
+    load, cores = measured.get("load_average"), os.cpu_count() or 1
+    if load is not None and measured.get("device") == "cpu" and load > cores:
+        return (f"the machine was busy while timing (load average {load:.1f} on {cores} cores): "
+                "latency figures are unreliable; rerun on an idle machine")  # fmt: skip
+    return None
 
 
 def machine() -> dict[str, Any]:

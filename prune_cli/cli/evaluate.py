@@ -55,6 +55,8 @@ def evaluate(
         **pipeline.measure(net, splits, latency_batches=batches, device=dev),
         "file_bytes": metrics.file_size(model_file),
     }
+    if warning := pipeline.busy_machine_warning(row):
+        ui.warn(warning)
     if json:
         ui.print_json(row)
         return
@@ -65,6 +67,7 @@ def evaluate(
         shown[f"latency_b{b}_ms"] = f"{row[f'latency_b{b}_ms']:.3f} ± {row.pop(f'latency_b{b}_spread_ms') / 2:.3f}"
         shown.pop(f"latency_b{b}_spread_ms", None)
     shown["file_bytes"] = ui.human(row["file_bytes"], "B")
+    shown.pop("load_average", None)
     ui.table(shown, title=f"eval {model_file.name}")
 
 

@@ -72,6 +72,8 @@ def prune(
                               log=ui.info)  # fmt: skip
     if out is not None:
         pruning.save(outcome, out)
+    if warning := pipeline.busy_machine_warning(outcome.after):
+        ui.warn(warning)
     if json:
         ui.print_json({**outcome.summary(), "out": str(out) if out else None})
         return

@@ -4,6 +4,10 @@ import pytest
 import torch
 from helpers import randomise_bn
 
+# One thread: on a 2-core machine shared with other jobs, two OpenMP threads wait on each other's time slices and
+# tiny models run 5-30x slower; alone, one thread costs these small tests little.
+torch.set_num_threads(1)
+
 import models
 
 

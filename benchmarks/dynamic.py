@@ -155,7 +155,7 @@ def main() -> None:
     parser.add_argument("--arch", default="resnet20", help="random-init architecture when no --model")
     parser.add_argument("--images", type=int, default=64, help="inputs for MACs and timing (latency task)")
     parser.add_argument("--target", type=float, default=0.4, help="HASTE search target (MACs reduction)")
-    parser.add_argument("--targets", type=float, nargs="+", default=[0.3, 0.4, 0.467, 0.5])
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.1, 0.15, 0.2, 0.3, 0.467])
     parser.add_argument("--remain", type=float, default=0.6, help="ManiDP target remain rate t")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--per-round", type=int, default=16)

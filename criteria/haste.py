@@ -179,18 +179,18 @@ class HashConv2d(DynamicModule, nn.Conv2d):
         return bucket, rank[..., -1] + 1, counts
 
     def costs(self, nb: Tensor, counts: Tensor, g: dict[str, Any], n_planes: int) -> tuple[Tensor, Tensor]:
-        """Per-sample (MACs incl. overhead, overhead) from the bucket counts of every tile."""
+        """Per-sample (MACs incl. overhead, overhead) from the bucket counts of every tile (on the CPU, float64)."""
         c_in, c_out = self.in_channels, self.out_channels
         k2 = self.kernel_size[0] * self.kernel_size[1]
         d = g["th"] * g["tw"]
-        nb = nb.to(torch.float64)
+        nb, counts = nb.cpu().to(torch.float64), counts.cpu()
         n_tiles = nb.shape[1]
-        conv = (nb * g["pix"]).sum(-1) * c_out * k2
+        conv = (nb * g["pix"].cpu()).sum(-1) * c_out * k2
         merged = c_in - nb
         multi = (counts > 1).sum(-1).to(torch.float64)
         overhead = (merged * d + multi * d).sum(-1) + merged.sum(-1) * c_out * k2
         if n_planes > 0:
-            nnz = int((self.planes[:n_planes] != 0).sum())
+            nnz = int((self.planes[:n_planes] != 0).sum().cpu())
             overhead = overhead + n_tiles * c_in * (d + nnz)
         return conv + overhead, overhead
 

@@ -143,8 +143,10 @@ class GatedConv2d(DynamicModule, nn.Conv2d):
         return y
 
     def _costs(self, mask: Tensor, in_mask: Tensor | None, c_in: int, hw_in: int, hw_out: int):
-        kept_out = (mask > 0).sum(1).to(torch.float64)
-        kept_in = (in_mask > 0).sum(1).to(torch.float64) if in_mask is not None else torch.full_like(kept_out, c_in)
+        kept_out = (mask > 0).sum(1).cpu().to(torch.float64)
+        kept_in = (
+            (in_mask > 0).sum(1).cpu().to(torch.float64) if in_mask is not None else torch.full_like(kept_out, c_in)
+        )
         # gate: pooling (C_in * H * W additions) + two FC layers; scaling: one product per kept output value
         overhead = float(c_in * hw_in + self.gate.macs) + kept_out * hw_out
         k = self.kernel_size[0] * self.kernel_size[1]

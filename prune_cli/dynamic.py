@@ -51,7 +51,7 @@ class DynamicModule(nn.Module):
 
     def record(self, macs: Tensor, overhead: Tensor) -> None:
         """Store this forward's per-sample MACs (overhead included) and overhead, both (N,)."""
-        self._record = (macs.detach().to(torch.float64), overhead.detach().to(torch.float64))
+        self._record = (macs.detach().cpu().to(torch.float64), overhead.detach().cpu().to(torch.float64))
 
     def record_lazy(self, fn: Callable[[], tuple[Tensor, Tensor]]) -> None:
         self._record = fn

@@ -52,6 +52,22 @@ def load_splits(
     return D.make_splits(ds, val_size=val_size, calib_size=calib_size, seed=seed)
 
 
+def load_model_and_data(
+    model_file: str | Path, dataset: str | None, data_dir: Path | None, *, seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> tuple[nn.Module, str, D.Splits]:  # fmt: skip
+    """A saved model and the splits of its dataset (by default the one recorded in the file)."""
+    from prune_cli.modelfile import load_model
+
+    model = load_model(model_file, device)
+    info = getattr(model, "prune_cli_info", {})
+    dataset = dataset or info.get("dataset")
+    if dataset is None:
+        raise BadValue(f"{model_file} does not record its dataset: pass --dataset")
+    data_dir = data_dir or (Path(info["data_dir"]) if info.get("data_dir") else None)
+    return model, dataset, load_splits(dataset, data_dir, model_name=model.prune_cli_arch["factory"], seed=seed)
+
+
 def new_model(name: str, splits: D.Splits, weights: Path | None = None) -> nn.Module:
     """A freshly built model for the data's classes and channels, optionally with a user's weights."""
     in_channels = splits.train.x.shape[1]

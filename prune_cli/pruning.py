@@ -34,7 +34,7 @@ from prune_cli.api import (
 )  # fmt: skip
 from prune_cli.config import build_dataclass
 from prune_cli.errors import BadValue
-from prune_cli.modelfile import load_model, save_model
+from prune_cli.modelfile import save_model
 from prune_cli.surgery import CostModel
 
 
@@ -155,13 +155,7 @@ def run(
 ) -> Outcome:  # fmt: skip
     """Prune the model in `model_file` as `job` says; return the pruned model and before/after measurements."""
     device = device or engine.default_device()
-    base = load_model(model_file, device)
-    info = getattr(base, "prune_cli_info", {})
-    dataset = dataset or info.get("dataset")
-    if dataset is None:
-        raise BadValue(f"{model_file} does not record its dataset: pass --dataset")
-    data_dir = data_dir or (Path(info["data_dir"]) if info.get("data_dir") else None)
-    splits = pipeline.load_splits(dataset, data_dir, model_name=base.prune_cli_arch["factory"], seed=job.seed)
+    base, dataset, splits = pipeline.load_model_and_data(model_file, dataset, data_dir, seed=job.seed, device=device)
     criterion = build_criterion(job.criterion, job.options)
     before = _measure(base, splits, job, device)
     example = pipeline.example_input(splits).to(device)

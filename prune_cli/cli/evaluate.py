@@ -29,20 +29,13 @@ def evaluate(
     """
     from prune_cli import engine, metrics, pipeline
     from prune_cli.errors import BadValue
-    from prune_cli.modelfile import load_model
 
     ui.quiet = quiet
     dev = pipeline.setup_runtime(device, threads, seed)
     batches = pipeline.parse_batches(latency_batches)
     if split not in ("test", "val"):
         raise BadValue(f"--split must be test or val, got {split!r}")
-    net = load_model(model_file, dev)
-    info = getattr(net, "prune_cli_info", {})
-    dataset = dataset or info.get("dataset")
-    if dataset is None:
-        raise BadValue(f"{model_file} does not record its dataset: pass --dataset")
-    data_dir = data_dir or (Path(info["data_dir"]) if info.get("data_dir") else None)
-    splits = pipeline.load_splits(dataset, data_dir, model_name=net.prune_cli_arch["factory"], seed=seed)
+    net, dataset, splits = pipeline.load_model_and_data(model_file, dataset, data_dir, seed=seed, device=dev)
     result = engine.evaluate(net, getattr(splits, split), splits, device=dev)
     row = {
         "model_file": str(model_file),

@@ -76,8 +76,6 @@ def build(
     from criteria.dcs import DCSOptions
     from prune_cli import pipeline, sinf
     from prune_cli.config import build_dataclass, parse_key_values
-    from prune_cli.errors import BadValue
-    from prune_cli.modelfile import load_model
 
     ui.quiet = quiet
     dev = pipeline.setup_runtime(device, threads, seed)
@@ -97,13 +95,7 @@ def build(
         dcs=build_dataclass(DCSOptions, parse_key_values(opt), "dcs option"),
         seed=seed,
     )
-    base = load_model(model_file, dev)
-    info = getattr(base, "prune_cli_info", {})
-    dataset = dataset or info.get("dataset")
-    if dataset is None:
-        raise BadValue(f"{model_file} does not record its dataset: pass --dataset")
-    data_dir = data_dir or (Path(info["data_dir"]) if info.get("data_dir") else None)
-    splits = pipeline.load_splits(dataset, data_dir, model_name=base.prune_cli_arch["factory"], seed=seed)
+    base, dataset, splits = pipeline.load_model_and_data(model_file, dataset, data_dir, seed=seed, device=dev)
     built = sinf.build(base, splits, cfg, device=dev, log=ui.info)
     sinf.save(
         built,

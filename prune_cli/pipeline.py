@@ -86,9 +86,14 @@ def measure(
     model: nn.Module, splits: D.Splits, *, latency_batches: Sequence[int] = (1, 64), device: torch.device | None = None
 ) -> dict[str, Any]:
     """Parameters, MACs per image, and latency at each batch size (median ms, p10-p90 spread)."""
+    from prune_cli import dynamic
+
     device = device or next(model.parameters()).device
     x = example_input(splits).to(device)
     out: dict[str, Any] = {"params": metrics.count_params(model), "macs": metrics.count_macs(model, x)}
+    if dynamic.is_dynamic(model):  # the cost depends on the input: average the executed MACs over test images
+        per_input, overhead = metrics.per_input_macs(model, D.to_float(splits.test.x[:1024], splits, device=device))
+        out.update(macs=float(per_input.mean()), macs_std=float(per_input.std()), overhead_macs=float(overhead.mean()))
     for b in latency_batches:
         lat = metrics.measure_latency(model, tuple(x.shape[1:]), b, device=device)
         out[f"latency_b{b}_ms"] = lat.median_ms

@@ -198,7 +198,7 @@ def run(
         history = engine.train(pruned, splits, cfg, hooks=hooks, device=device, reporter=reporter, log=log).history
     finetune_s = time.perf_counter() - t2
 
-    after = _measure(pruned, splits, job, device, dynamic=isinstance(result, Dynamic))
+    after = _measure(pruned, splits, job, device)
     after["top1_before_finetune"] = top1_before_ft
     if isinstance(result, Dynamic):
         target_report["achieved"] = 1 - after["macs"] / before["macs"]
@@ -221,19 +221,9 @@ def save(outcome: Outcome, path: Path) -> Path:
     )  # fmt: skip
 
 
-def _measure(
-    model: nn.Module, splits: D.Splits, job: PruneJob, device: torch.device, dynamic: bool = False
-) -> dict[str, Any]:
+def _measure(model: nn.Module, splits: D.Splits, job: PruneJob, device: torch.device) -> dict[str, Any]:
     out = {"top1": engine.evaluate(model, splits.test, splits, device=device).top1}
     out.update(pipeline.measure(model, splits, latency_batches=job.latency_batches, device=device))
-    if dynamic:  # the cost depends on the input: average the executed MACs over test images
-        from prune_cli import metrics
-
-        x = D.to_float(splits.test.x[:1024], splits, device=device)
-        per_input, overhead = metrics.per_input_macs(model, x)
-        out["macs"] = float(per_input.mean())
-        out["macs_std"] = float(per_input.std())
-        out["overhead_macs"] = float(overhead.mean())
     return out
 
 

@@ -1,0 +1,326 @@
+"""`sensitivity`: per-group pruning ratios from a damage sweep. Lu, Gong, Zhao, Feng, Li, "SBPF: Sensitiveness
+Based Pruning Framework For Convolutional Neural Network On Image Classification" (arXiv 2208.04588); the sweep
+follows Intel Distiller's sensitivity analysis, the closest public anchor (SBPF has no public code or full text,
+see shared/reference/methods_static.md section 2). Returns an `Allocation`; channels inside a group are ranked by
+the criterion named by `rank` (default `l1`) in the shared selection.
+
+Decisions (METHODS.md section 2; every one is an option):
+
+- Damage of group g at level d, trial t: `random` (default) zeroes a random floor(d*C) of the group's channels in
+  every producer (weights and bias) and in every BatchNorm of the group (gamma and beta), so those channel
+  outputs are exactly 0; `l1` zeroes the lowest-L1 channels instead (deterministic, so only trial 0 is run);
+  `noise` adds N(0, (d * std W_g)^2) to the group's producer weights. A coupled group (ResNet residual channels,
+  scope `all`) is always damaged as a whole: all its producers at once, which per-tensor tools get wrong.
+- Seeds: trial t of level d of group g draws from `ctx.generator(crc32("g|d|t"))`, so a (g, d, t) damage is
+  the same whichever other groups are in scope.
+- S_g = mean over (d, t) of the top-1 accuracy drop on the calibration split (held-out training images, never
+  the test split); `measure=loss` uses the mean cross-entropy increase. No BN recalibration, no fine-tuning.
+- Ratios: `inverse` (default) r_g = clip(alpha * (1/S_g) / mean(1/S), 0, max_ratio); `linear`
+  r_g = clip(alpha * (1 - S_g / max S), 0, max_ratio). Sensitivities below `min_sensitivity` (damage that does
+  not hurt on the calibration split, or even helps by chance) count as `min_sensitivity`, which keeps 1/S finite.
+  alpha is bisected on the exact cost model until the MACs (params) target is met; the returned ratios are the
+  ones at that alpha (the shared selection rescales them again only if its round-to / max-ratio differ).
+
+Reuse: damage to group g changes nothing computed before the first graph node that reads a damaged module. The
+model is traced once with torch.fx; per group the graph is cut at that node into a prefix, which returns every
+value still needed later (in a ResNet, the block input as well as the running residual), and a suffix that
+takes those values. Per calibration batch the prefix runs once and the suffix once per (level, trial), so a
+sweep costs about (1 + sum over groups of the suffix share) full passes per evaluation rather than one each.
+Untraceable models (or `reuse=false`) evaluate the whole damaged model every time; the results are the same.
+
+The sweep rows (group, level, trial, accuracy, loss), S per group, the baseline and alpha are in
+`Allocation.extra` for `prune-cli score`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from prune_cli.api import Allocation, ChannelGroup, Context, Criterion, get_criterion, register_criterion
+from prune_cli.errors import BadValue
+from prune_cli.selection import kept_count
+from prune_cli.surgery import CostModel
+
+LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+@register_criterion()
+class Sensitivity(Criterion):
+    name = "sensitivity"
+    paper = "2208.04588"
+    needs = frozenset({"data", "labels"})
+    summary = "per-group ratios inversely proportional to the accuracy drop when the group is damaged"
+
+    @dataclass(frozen=True)
+    class Options:
+        levels: tuple[float, ...] = LEVELS
+        trials: int = 3
+        damage: Literal["random", "l1", "noise"] = "random"
+        measure: Literal["accuracy", "loss"] = "accuracy"
+        form: Literal["inverse", "linear"] = "inverse"
+        rank: str = "l1"
+        max_ratio: float = 0.9
+        min_sensitivity: float = 1e-3
+        batch_size: int = 256
+        reuse: bool = True  # cut the traced graph before each group (same results, less work)
+
+        def __post_init__(self):
+            if not self.levels or not all(0.0 < d < 1.0 for d in self.levels):
+                raise BadValue(f"sensitivity: levels must be in (0, 1), got {self.levels}")
+            if self.trials < 1 or self.batch_size < 1:
+                raise BadValue("sensitivity: trials and batch_size must be >= 1")
+            if not 0.0 < self.max_ratio < 1.0:
+                raise BadValue(f"sensitivity: max_ratio must be in (0, 1), got {self.max_ratio}")
+            if not self.min_sensitivity > 0:
+                raise BadValue(f"sensitivity: min_sensitivity must be > 0, got {self.min_sensitivity}")
+            for name, value, choices in (("damage", self.damage, ("random", "l1", "noise")),
+                                         ("measure", self.measure, ("accuracy", "loss")),
+                                         ("form", self.form, ("inverse", "linear"))):  # fmt: skip
+                if value not in choices:
+                    raise BadValue(f"sensitivity: {name} must be one of {', '.join(choices)}, not {value!r}")
+
+    def run(self, ctx: Context) -> Allocation:
+        t0 = time.perf_counter()
+        base, rows, reused = sweep(ctx, self.options)
+        key = "accuracy" if self.options.measure == "accuracy" else "loss"
+        sens = {}
+        for g in ctx.groups:
+            vals = [r[key] for r in rows if r["group"] == g.id]
+            drop = [base[key] - v if key == "accuracy" else v - base[key] for v in vals]
+            sens[g.id] = sum(drop) / len(drop)
+        rel = relative_ratios(sens, self.options)
+        alpha, ratios = fit_alpha(ctx, rel, self.options.max_ratio)
+        extra = {
+            "sweep": rows, "sensitivity": sens, "relative": rel, "baseline": base, "alpha": alpha,
+            "evaluations": len(rows), "reuse": reused, "sweep_s": time.perf_counter() - t0,
+        }  # fmt: skip
+        return Allocation(ratios, rank=self.options.rank, extra=extra)
+
+
+# ------------------------------------------------------------------------------------------------ ratios
+def relative_ratios(sens: dict[str, float], o: Sensitivity.Options) -> dict[str, float]:
+    """Unscaled ratios (before alpha): inverse -> (1/S_g) / mean(1/S); linear -> 1 - S_g / max S."""
+    if o.form == "inverse":
+        inv = {g: 1.0 / max(s, o.min_sensitivity) for g, s in sens.items()}
+        mean = sum(inv.values()) / len(inv)
+        return {g: v / mean for g, v in inv.items()}
+    top = max(max(sens.values()), o.min_sensitivity)
+    return {g: 1.0 - max(s, 0.0) / top for g, s in sens.items()}
+
+
+def fit_alpha(ctx: Context, rel: dict[str, float], max_ratio: float) -> tuple[float, dict[str, float]]:
+    """Smallest alpha whose ratios clip(alpha * rel, 0, max_ratio) meet the target (bisection on the cost model).
+
+    An unreachable target returns the most pruning allowed; the selection then reports it to the user.
+    """
+    cost = CostModel(ctx.model, ctx.example_input)
+    sizes = {g.id: g.size for g in ctx.groups}
+    base = cost.base(ctx.target.metric)
+
+    def ratios_at(alpha: float) -> dict[str, float]:
+        return {g: min(max(alpha * r, 0.0), max_ratio) for g, r in rel.items()}
+
+    def reduction(alpha: float) -> float:
+        kept = {g: kept_count(sizes[g], r, 1, max_ratio) for g, r in ratios_at(alpha).items()}
+        return 1 - cost.metric(kept, ctx.target.metric) / base
+
+    positive = [r for r in rel.values() if r > 0]
+    if not positive:
+        return 0.0, ratios_at(0.0)
+    lo, hi = 0.0, max_ratio / min(positive)
+    if reduction(hi) + 1e-9 < ctx.target.reduction:
+        ctx.log(f"sensitivity: the target is out of reach; ratios at the most pruning allowed ({reduction(hi):.1%})")
+        return hi, ratios_at(hi)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if reduction(mid) >= ctx.target.reduction else (mid, hi)
+    return hi, ratios_at(hi)
+
+
+# ------------------------------------------------------------------------------------------------- sweep
+def sweep(ctx: Context, o: Sensitivity.Options) -> tuple[dict[str, float], list[dict], bool]:
+    """(baseline {accuracy, loss}, rows {group, level, trial, accuracy, loss}, whether the graph cut was used).
+
+    Works on a private copy of the model: the context's model is never modified.
+    """
+    calib = ctx.require_calib()
+    model = copy.deepcopy(ctx.model).eval()
+    l1 = get_criterion("l1")().run(ctx).per_group if o.damage == "l1" else {}
+    runner = _Runner(model, o.reuse, ctx.log)
+    trials = 1 if o.damage == "l1" else o.trials  # the l1 damage has no randomness: more trials repeat trial 0
+    jobs = [(d, t) for d in o.levels for t in range(trials)]
+    batches = list(calib.batches(o.batch_size))
+    advance = ctx.progress("sensitivity sweep", len(ctx.groups) * len(jobs) * len(batches))
+
+    with torch.no_grad():
+        base = _Tally()
+        for x, y in batches:
+            base.add(model(x), y)
+        rows = []
+        for g in ctx.groups:
+            prefix, suffix = runner.split(_damaged_modules(g))
+            tallies = {job: _Tally() for job in jobs}
+            for x, y in batches:
+                live = prefix(x)
+                for d, t in jobs:
+                    patches = _damage(model, g, d, t, o.damage, ctx, l1.get(g.id))
+                    saved = [p.apply() for p in patches]
+                    try:
+                        tallies[(d, t)].add(suffix(live), y)
+                    finally:
+                        for p, s in zip(reversed(patches), reversed(saved), strict=True):
+                            p.restore(s)
+                    advance(1)
+            rows += [{"group": g.id, "level": d, "trial": t, **tallies[(d, t)].result()} for d, t in jobs]
+    return base.result(), rows, runner.traced is not None
+
+
+class _Tally:
+    """Running top-1 hits and summed cross-entropy over batches."""
+
+    def __init__(self):
+        self.hits, self.loss, self.n = 0, 0.0, 0
+
+    def add(self, logits: Tensor, y: Tensor) -> None:
+        y = y.to(logits.device)
+        self.hits += int((logits.argmax(1) == y).sum())
+        self.loss += float(F.cross_entropy(logits.float(), y, reduction="sum"))
+        self.n += len(y)
+
+    def result(self) -> dict[str, float]:
+        return {"accuracy": self.hits / self.n, "loss": self.loss / self.n}
+
+
+# ------------------------------------------------------------------------------------------------ damage
+@dataclass
+class _Patch:
+    """Rows of one tensor replaced in place (None: zeroed); `apply` returns the old rows for `restore`."""
+
+    tensor: Tensor
+    rows: Tensor
+    values: Tensor | None = None
+
+    def apply(self) -> Tensor:
+        old = self.tensor[self.rows].clone()
+        self.tensor[self.rows] = 0 if self.values is None else self.values
+        return old
+
+    def restore(self, old: Tensor) -> None:
+        self.tensor[self.rows] = old
+
+
+def _damaged_modules(g: ChannelGroup) -> set[str]:
+    return {m.module for m in g.producers + g.norms}
+
+
+def _damage(model: nn.Module, g: ChannelGroup, level: float, trial: int, how: str, ctx: Context,
+            l1: Tensor | None) -> list[_Patch]:  # fmt: skip
+    """The patches that damage group g at this level and trial (deterministic for the run's seed)."""
+    gen = ctx.generator(zlib.crc32(f"{g.id}|{level:.6f}|{trial}".encode()))
+    modules = dict(model.named_modules())
+    k = math.floor(level * g.size + 1e-9)
+    if how == "noise":
+        patches = []
+        for m in g.producers:
+            w = modules[m.module].weight.data
+            rows = torch.arange(m.offset, m.offset + g.size, device=w.device)
+            cur = w[rows]
+            noise = torch.randn(cur.shape, generator=gen).to(w.device, w.dtype) * (level * float(cur.std()))
+            patches.append(_Patch(w, rows, cur + noise))
+        return patches
+    if how == "l1":
+        chan = torch.sort(l1.double(), stable=True).indices[:k]  # lowest L1 first
+    else:
+        chan = torch.randperm(g.size, generator=gen)[:k]
+    patches = []
+    for m in g.producers + g.norms:
+        mod = modules[m.module]
+        for p in (mod.weight, getattr(mod, "bias", None)):
+            if p is not None:
+                patches.append(_Patch(p.data, (chan + m.offset).to(p.device)))
+    return patches
+
+
+# ------------------------------------------------------------------------------------------------ graph cut
+_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.iand, operator.ior}
+
+
+class _Runner:
+    """Splits the traced model before the first node that reads a damaged module (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, reuse: bool, log: Callable[[str], None]):
+        self.model = model
+        self.traced: fx.GraphModule | None = None
+        if reuse:
+            try:
+                self.traced = fx.symbolic_trace(model)
+            except Exception as exc:  # fx raises many kinds; the sweep still works on the whole model
+                log(f"sensitivity: torch.fx cannot trace the model ({type(exc).__name__}); evaluating it whole")
+
+    def split(self, touched: set[str]) -> tuple[Callable[[Tensor], tuple], Callable[[tuple], Tensor]]:
+        if self.traced is None:
+            return (lambda x: (x,)), (lambda live: self.model(live[0]))
+        nodes = list(self.traced.graph.nodes)
+        at = next((i for i, n in enumerate(nodes) if _reads(n, touched)), None)
+        if at is None:  # the damaged modules are never called: nothing to reuse, but still correct
+            return (lambda x: (x,)), (lambda live: self.model(live[0]))
+        prefix, suffix, inplace = split_live(self.traced, at)
+        if inplace:  # the suffix may write into a cached value: give it a copy each time
+            return prefix, lambda live: suffix(*(v.clone() if isinstance(v, Tensor) else v for v in live))
+        return prefix, lambda live: suffix(*live)
+
+
+def _reads(n: fx.Node, touched: set[str]) -> bool:
+    if n.op not in ("call_module", "get_attr"):
+        return False
+    target = str(n.target)
+    return any(target == m or target.startswith(m + ".") for m in touched)
+
+
+def split_live(gm: fx.GraphModule, at: int) -> tuple[fx.GraphModule, fx.GraphModule, bool]:
+    """Cut the graph before node index `at`: (prefix, suffix, suffix has in-place ops).
+
+    prefix(x) returns a tuple of every value computed before `at` and read at or after it; suffix(*that tuple)
+    returns the model's output. Unlike graphsplit.split, any node may be the cut (values may cross it).
+    """
+    nodes = list(gm.graph.nodes)
+    head_nodes, tail_nodes = nodes[:at], nodes[at:]
+    tail_set = set(tail_nodes)
+    live = [n for n in head_nodes if n.op != "get_attr" and any(u in tail_set for u in n.users)]
+
+    head, env = fx.Graph(), {}
+    for n in head_nodes:
+        env[n] = head.node_copy(n, lambda a: env[a])
+    head.output(tuple(env[n] for n in live))
+
+    tail, tenv = fx.Graph(), {}
+    for i, n in enumerate(live):
+        tenv[n] = tail.placeholder(f"live_{i}")
+    inplace = False
+    for n in tail_nodes:
+        for a in n.all_input_nodes:  # parameters fetched before the cut are fetched again in the suffix
+            if a not in tenv and a.op == "get_attr":
+                tenv[a] = tail.node_copy(a, lambda b: tenv[b])
+        tenv[n] = tail.node_copy(n, lambda a: tenv[a])
+        inplace = inplace or _is_inplace(gm, n)
+    return fx.GraphModule(gm, head, "SensitivityPrefix"), fx.GraphModule(gm, tail, "SensitivitySuffix"), inplace
+
+
+def _is_inplace(gm: fx.GraphModule, n: fx.Node) -> bool:
+    if n.op == "call_module":
+        return bool(getattr(gm.get_submodule(str(n.target)), "inplace", False))
+    if n.op == "call_function":
+        return n.target in _INPLACE_FUNCTIONS or bool(n.kwargs.get("inplace", False))
+    return n.op == "call_method" and str(n.target).endswith("_")

@@ -1,0 +1,153 @@
+"""Sensitivity allocation (Lu et al., SBPF, arXiv 2208.04588; Distiller's sweep as anchor)."""
+
+import copy
+
+import pytest
+import torch
+from helpers import concat_net, randomise_bn
+from torch import nn
+
+from criteria.sensitivity import _damage, split_live
+from prune_cli import pruning
+from prune_cli.api import Allocation, CalibData, Context, Target, check_result, get_criterion
+from prune_cli.errors import BadValue
+from prune_cli.selection import groups_in_scope
+from prune_cli.surgery import channel_groups
+
+FAST = dict(levels=(0.3, 0.7), trials=1, batch_size=32)
+
+
+def calib_for(model, n=64, seed=1):
+    """Random 3x16x16 images labelled by the model itself (baseline accuracy 1), so damage shows as a drop."""
+    x = torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        y = model.eval()(x).argmax(1)
+    return CalibData(x, y)
+
+
+def context(model, x, scope="internal", target=0.5, seed=0, calib=None):
+    groups = channel_groups(model, x)
+    return Context(model, tuple(groups_in_scope(groups, scope)), tuple(groups), x, 10, Target("macs", target),
+                   calib=calib or calib_for(model), seed=seed)  # fmt: skip
+
+
+def run(ctx, **options):
+    cls = get_criterion("sensitivity")
+    return check_result(cls(cls.Options(**{**FAST, **options})).run(ctx), ctx.groups)
+
+
+@pytest.mark.parametrize("model_name, scope", [("tiny_vgg", "internal"), ("tiny_resnet", "all")])
+def test_conformance_and_sweep_rows(request, example_input, model_name, scope):
+    model = request.getfixturevalue(model_name)
+    ctx = context(model, example_input, scope)
+    result = run(ctx)
+    assert isinstance(result, Allocation) and result.rank == "l1"
+    assert set(result.ratios) == {g.id for g in ctx.groups}
+    assert all(0 <= r <= 0.9 for r in result.ratios.values())
+    rows = result.extra["sweep"]
+    assert len(rows) == len(ctx.groups) * 2 and set(rows[0]) == {"group", "level", "trial", "accuracy", "loss"}
+    assert result.extra["baseline"]["accuracy"] == 1.0 and result.extra["reuse"] is True
+    assert set(result.extra["sensitivity"]) == set(result.ratios)
+
+
+def test_deterministic_for_a_seed_and_seed_matters(tiny_resnet, example_input):
+    a = run(context(tiny_resnet, example_input, seed=3))
+    b = run(context(tiny_resnet, example_input, seed=3))
+    c = run(context(tiny_resnet, example_input, seed=4))
+    assert a.extra["sweep"] == b.extra["sweep"] and a.ratios == b.ratios
+    assert [r["loss"] for r in a.extra["sweep"]] != [r["loss"] for r in c.extra["sweep"]]
+
+
+def test_context_model_is_left_untouched(tiny_vgg, example_input):
+    before = copy.deepcopy(tiny_vgg.state_dict())
+    run(context(tiny_vgg, example_input), damage="noise")
+    assert all(torch.equal(before[k], v) for k, v in tiny_vgg.state_dict().items())
+
+
+@pytest.mark.parametrize("damage", ["random", "noise"])
+def test_graph_cut_gives_the_same_sweep_as_whole_model_evaluation(tiny_resnet, example_input, damage):
+    ctx = context(tiny_resnet, example_input, scope="all")
+    cut, whole = run(ctx, damage=damage), run(ctx, damage=damage, reuse=False)
+    assert cut.extra["reuse"] and not whole.extra["reuse"]
+    for r, s in zip(cut.extra["sweep"], whole.extra["sweep"], strict=True):
+        assert (r["group"], r["level"], r["accuracy"]) == (s["group"], s["level"], s["accuracy"])
+        assert r["loss"] == pytest.approx(s["loss"], rel=1e-6)
+
+
+def test_l1_damage_equals_zeroing_the_lowest_l1_channels_by_hand(tiny_vgg, example_input):
+    ctx = context(tiny_vgg, example_input)
+    rows = run(ctx, damage="l1", levels=(0.5,), trials=3).extra["sweep"]
+    assert len(rows) == len(ctx.groups)  # deterministic damage: one trial per level
+    model = copy.deepcopy(tiny_vgg)
+    conv, bn = model.features[4], model.features[5]  # group features.4: 128 channels
+    order = torch.sort(conv.weight.abs().sum((1, 2, 3)), stable=True).indices[:64]
+    with torch.no_grad():
+        conv.weight[order] = 0
+        bn.weight[order] = 0
+        bn.bias[order] = 0
+        logits = model(ctx.calib.x)
+    expected = float((logits.argmax(1) == ctx.calib.y).float().mean())
+    loss = float(nn.functional.cross_entropy(logits, ctx.calib.y))
+    row = next(r for r in rows if r["group"] == "features.4")
+    assert row["accuracy"] == pytest.approx(expected) and row["loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_residual_group_is_damaged_in_every_producer_and_norm(tiny_resnet, example_input):
+    ctx = context(tiny_resnet, example_input, scope="all")
+    g = ctx.group("conv1")  # stage-1 residual channels: stem and every block's conv2 of layer1
+    patches = _damage(tiny_resnet, g, 0.5, 0, "random", ctx, None)
+    modules = [tiny_resnet.get_submodule(m.module) for m in g.producers + g.norms]
+    assert len(g.producers) == 4 and len(modules) == 8
+    assert {p.tensor.data_ptr() for p in patches} == {p.data_ptr() for m in modules for p in m.parameters()}
+    chans = {tuple(p.rows.tolist()) for p in patches}
+    assert len(chans) == 1 and len(next(iter(chans))) == g.size // 2  # the same channels everywhere
+
+
+@pytest.mark.parametrize("loud, muted", [("a", "b"), ("b", "a")])
+def test_a_more_sensitive_group_gets_a_smaller_ratio(example_input, loud, muted):
+    """Two concatenated branches a (6 channels) and b (5): the next conv reads one branch 10x louder and the other
+    1e6x quieter, so damaging the quiet branch cannot change the output. Known answer: S(quiet) is the least of
+    all groups and gets the largest ratio; the loud branch gets a smaller one. Swapping the roles swaps them."""
+    model = randomise_bn(concat_net(10, 3)).eval()
+    cols = {"a": slice(0, 6), "b": slice(6, 11)}
+    with torch.no_grad():
+        model.mix.weight[:, cols[loud]] *= 10
+        model.mix.weight[:, cols[muted]] *= 1e-6
+    ctx = context(model, example_input)
+    for measure in ("accuracy", "loss"):
+        result = run(ctx, measure=measure, levels=(0.4, 0.8), trials=2)
+        sens, ratios = result.extra["sensitivity"], result.ratios
+        assert sens[loud] > 0.01 and sens[muted] < 1e-4, sens
+        assert ratios[muted] == max(ratios.values()) and ratios[loud] < ratios[muted]
+    linear = run(ctx, form="linear", measure="loss")
+    most = max(linear.extra["sensitivity"], key=linear.extra["sensitivity"].get)
+    assert linear.ratios[most] == 0.0 and linear.ratios[muted] == max(linear.ratios.values())
+
+
+@pytest.mark.parametrize("target", [0.3, 0.5])
+def test_target_met_through_the_shared_selection(tiny_resnet, example_input, target):
+    ctx = context(tiny_resnet, example_input, target=target)
+    result = run(ctx)
+    job = pruning.PruneJob(criterion="sensitivity", target=Target("macs", target))
+    keep, overrides, report = pruning.plan_from_result(result, ctx, job)
+    assert not overrides and keep
+    assert target <= report["achieved"] < target + 0.03
+
+
+def test_split_live_reproduces_the_model_at_every_cut(tiny_resnet, example_input):
+    import torch.fx as fx
+
+    gm = fx.symbolic_trace(tiny_resnet.eval())
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        want = tiny_resnet(x)
+        for at in range(1, len(gm.graph.nodes), 7):
+            prefix, suffix, _ = split_live(gm, at)
+            assert torch.allclose(suffix(*prefix(x)), want, atol=1e-6)
+
+
+def test_bad_options():
+    cls = get_criterion("sensitivity")
+    for bad in (dict(levels=(0.5, 1.0)), dict(trials=0), dict(damage="blur"), dict(max_ratio=1.0)):
+        with pytest.raises(BadValue):
+            cls.Options(**bad)

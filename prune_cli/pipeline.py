@@ -77,15 +77,58 @@ def new_model(name: str, splits: D.Splits, weights: Path | None = None) -> nn.Mo
     return model
 
 
+def train_and_save(
+    model_name: str, dataset: str, data_dir: str | Path | None, cfg: Any, out: Path, *, weights: Path | None = None,
+    device: torch.device | None = None, resume: bool = False, reporter: Any = None, log=lambda m: None,
+) -> dict[str, Any]:  # fmt: skip
+    """Train a new `model_name` on `dataset` with `cfg` (engine.TrainConfig), save it to `out`, return a summary.
+
+    A checkpoint (OUT.ckpt) is written after each epoch so that `resume` can continue an interrupted run.
+    """
+    import time
+
+    from prune_cli import engine
+    from prune_cli.modelfile import save_model
+
+    splits = load_splits(dataset, data_dir, model_name=model_name, seed=cfg.seed)
+    net = new_model(model_name, splits, weights)
+    log(f"training {model_name} on {dataset} ({len(splits.train)} train / {len(splits.val)} val images) on {device}")
+    checkpoint = out.with_suffix(".ckpt")
+    t0 = time.perf_counter()
+    result = engine.train(net, splits, cfg, device=device, checkpoint=checkpoint, resume=resume, reporter=reporter,
+                          log=log)  # fmt: skip
+    test = engine.evaluate(net, splits.test, splits, device=device)
+    summary = {
+        "model": model_name,
+        "dataset": dataset,
+        "test_top1": test.top1,
+        "test_top5": test.top5,
+        "val_top1": result.history[-1].get("val_acc") if result.history else None,
+        "epochs": cfg.epochs,
+        "train_seconds": result.seconds,
+        "wall_seconds": time.perf_counter() - t0,
+        "images_per_second": result.images_per_second if result.history else None,
+    }
+    save_model(
+        net.cpu(), out, kind="trained", dataset=dataset, input_shape=list(splits.train.x.shape[1:]),
+        data_dir=str(data_dir) if data_dir else None, seed=cfg.seed, train=engine.config_dict(cfg),
+        history=result.history, metrics=summary, machine=machine(),
+    )  # fmt: skip
+    checkpoint.unlink(missing_ok=True)
+    return summary
+
+
 def example_input(splits: D.Splits) -> torch.Tensor:
     """One normalised training image, (1, C, H, W): what tracing and MAC counting run on."""
     return D.to_float(splits.train.x[:1], splits)
 
 
 def measure(
-    model: nn.Module, splits: D.Splits, *, latency_batches: Sequence[int] = (1, 64), device: torch.device | None = None
-) -> dict[str, Any]:
-    """Parameters, MACs per image, and latency at each batch size (median ms, p10-p90 spread)."""
+    model: nn.Module, splits: D.Splits, *, latency_batches: Sequence[int] = (1, 64), device: torch.device | None = None,
+    latency_seconds: float = 2.0,
+) -> dict[str, Any]:  # fmt: skip
+    """Parameters, MACs per image, and latency at each batch size (median ms, p10-p90 spread, timed for about
+    `latency_seconds` per batch size)."""
     from prune_cli import dynamic
 
     device = device or next(model.parameters()).device
@@ -95,7 +138,7 @@ def measure(
         per_input, overhead = metrics.per_input_macs(model, D.to_float(splits.test.x[:1024], splits, device=device))
         out.update(macs=float(per_input.mean()), macs_std=float(per_input.std()), overhead_macs=float(overhead.mean()))
     for b in latency_batches:
-        lat = metrics.measure_latency(model, tuple(x.shape[1:]), b, device=device)
+        lat = metrics.measure_latency(model, tuple(x.shape[1:]), b, device=device, max_seconds=latency_seconds)
         out[f"latency_b{b}_ms"] = lat.median_ms
         out[f"latency_b{b}_spread_ms"] = lat.spread_ms
     out["threads"] = torch.get_num_threads()

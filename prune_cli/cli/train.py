@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -39,7 +38,6 @@ def train(
     A checkpoint (OUT.ckpt) is written after each epoch; --resume continues from it.
     """
     from prune_cli import engine, pipeline
-    from prune_cli.modelfile import save_model
 
     ui.quiet = quiet
     dev = pipeline.setup_runtime(device, threads, seed)
@@ -50,33 +48,11 @@ def train(
         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, augment=not no_augment, compile=compile,
         seed=seed,
     )  # fmt: skip
-    splits = pipeline.load_splits(dataset, data_dir, model_name=model, seed=seed)
-    net = pipeline.new_model(model, splits, weights)
-    ui.info(f"training {model} on {dataset} ({len(splits.train)} train / {len(splits.val)} val images) on {dev}")
-    checkpoint = out.with_suffix(".ckpt")
-    t0 = time.perf_counter()
     with ui.RichReporter() as reporter:
-        result = engine.train(
-            net, splits, cfg, device=dev, checkpoint=checkpoint, resume=resume, reporter=reporter, log=ui.info
-        )
-    test = engine.evaluate(net, splits.test, splits, device=dev)
-    summary = {
-        "model": model,
-        "dataset": dataset,
-        "test_top1": test.top1,
-        "test_top5": test.top5,
-        "val_top1": result.history[-1].get("val_acc") if result.history else None,
-        "epochs": epochs,
-        "train_seconds": result.seconds,
-        "wall_seconds": time.perf_counter() - t0,
-        "images_per_second": result.images_per_second if result.history else None,
-    }
-    save_model(
-        net.cpu(), out, kind="trained", dataset=dataset, input_shape=list(splits.train.x.shape[1:]),
-        data_dir=str(data_dir) if data_dir else None, seed=seed, train=engine.config_dict(cfg),
-        history=result.history, metrics=summary, machine=pipeline.machine(),
-    )  # fmt: skip
-    checkpoint.unlink(missing_ok=True)
+        summary = pipeline.train_and_save(
+            model, dataset, data_dir, cfg, out, weights=weights, device=dev, resume=resume, reporter=reporter,
+            log=ui.info,
+        )  # fmt: skip
     if json:
         ui.print_json({**summary, "out": str(out)})
     else:

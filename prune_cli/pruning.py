@@ -56,6 +56,7 @@ class PruneJob:
     weight_decay: float = 5e-4
     seed: int = 0
     latency_batches: tuple[int, ...] = (1, 64)
+    latency_seconds: float = 2.0  # timing budget per batch size and model
     # Re-estimate BatchNorm statistics after surgery (every criterion alike); "before fine-tune" includes it.
     recalibrate_bn: bool = True
 
@@ -223,7 +224,11 @@ def save(outcome: Outcome, path: Path) -> Path:
 
 def _measure(model: nn.Module, splits: D.Splits, job: PruneJob, device: torch.device) -> dict[str, Any]:
     out = {"top1": engine.evaluate(model, splits.test, splits, device=device).top1}
-    out.update(pipeline.measure(model, splits, latency_batches=job.latency_batches, device=device))
+    out.update(
+        pipeline.measure(
+            model, splits, latency_batches=job.latency_batches, device=device, latency_seconds=job.latency_seconds
+        )
+    )
     return out
 
 

@@ -1,0 +1,88 @@
+"""`prune-cli compare`: run an experiment's grid (criterion x target x seed) and print its leaderboard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from prune_cli.cli import options as O
+from prune_cli.cli import ui
+
+
+def compare(
+    experiment: Annotated[Path, typer.Argument(help="An experiment YAML file (see experiments/).")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Output folder (default runs/NAME).", rich_help_panel=O.OUTPUT)
+    ] = None,  # fmt: skip
+    criteria: Annotated[
+        str | None, typer.Option(help="Override: comma-separated criteria, or all.", rich_help_panel=O.PRUNE)
+    ] = None,  # fmt: skip
+    targets: Annotated[
+        str | None, typer.Option(help="Override: fractions to remove, e.g. 0.3,0.5.", rich_help_panel=O.PRUNE)
+    ] = None,  # fmt: skip
+    seeds: Annotated[str | None, typer.Option(help="Override: seeds, e.g. 0,1,2.", rich_help_panel=O.RUN)] = None,
+    finetune_epochs: Annotated[
+        int | None, typer.Option(help="Override: fine-tuning epochs (every criterion).", rich_help_panel=O.TRAIN)
+    ] = None,  # fmt: skip
+    base: Annotated[
+        Path | None, typer.Option(help="Override: a trained base model file.", rich_help_panel=O.RUN)
+    ] = None,  # fmt: skip
+    dataset: O.Dataset = None,
+    data_dir: O.DataDir = None,
+    jobs: Annotated[
+        int,
+        typer.Option("--jobs", "-j", help="Cells run in parallel processes (threads divided).", rich_help_panel=O.RUN),
+    ] = 1,  # fmt: skip
+    device: O.Device = None,
+    threads: O.Threads = None,
+    quiet: O.Quiet = False,
+) -> None:
+    """Prune one base model with every criterion of EXPERIMENT at equal cost, and rank them.
+
+    Each cell is stored as a run record under OUT/records; a re-run skips finished cells, so an interrupted
+    comparison resumes where it stopped. Example: prune-cli compare experiments/quickstart.yaml
+    """
+    from prune_cli import compare as grid
+    from prune_cli import pipeline, report
+    from prune_cli.experiment import load_experiment
+
+    ui.quiet = quiet
+    overrides = {"out": str(out) if out else None, "criteria": criteria, "targets": targets, "seeds": seeds,
+                 "dataset": dataset, "data_dir": str(data_dir) if data_dir else None,
+                 "base": {"file": str(base)} if base else None}  # fmt: skip
+    exp = load_experiment(experiment, overrides)
+    if finetune_epochs is not None:
+        exp = load_experiment(experiment, {**overrides, "finetune": {**_finetune(exp), "epochs": finetune_epochs}})
+    dev = pipeline.setup_runtime(device, threads, 0)
+    with ui.RichReporter() as reporter:
+        result = grid.run_grid(exp, jobs=jobs, device=dev, reporter=reporter, log=ui.info, warn=ui.warn)
+    lb = report.write(result.records, exp.out_dir, title=exp.name)
+    ui.info(f"{result.ran} cells run, {result.skipped} reused; leaderboard written to {exp.out_dir}")
+    show(lb)
+    loads = [r["after"].get("load_average") or 0 for r in result.records]
+    if warning := pipeline.busy_machine_warning({"load_average": max(loads), "device": dev.type}):
+        ui.warn(warning)
+
+
+def _finetune(exp) -> dict:
+    from dataclasses import asdict
+
+    return asdict(exp.finetune)
+
+
+def show(lb) -> None:
+    """Print the leaderboard with rich, one compact table per target (the files hold every column)."""
+    from prune_cli import report
+
+    table = report.formatted(lb)
+    keep = ["rank", "criterion", "MACs removed", "top-1", "drop (pt)", "MAC speed-up"]
+    keep += [c for c in table.columns if c.startswith("latency speed-up")] + ["scoring (s)"]
+    for target, rows in table.groupby("target", sort=False):
+        short = rows[keep].rename(columns=lambda c: c.replace("latency speed-up ", "latency "))
+        ui.grid(list(short.columns), short.values.tolist(), title=f"target {target} MACs (top-1 in %, mean ± std)")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("compare")(ui.user_errors(compare))

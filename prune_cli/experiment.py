@@ -1,0 +1,199 @@
+"""Experiments: a strict YAML file -> a frozen `Experiment` -> the grid of cells (criterion x target x seed).
+
+    name: quickstart
+    dataset: digits
+    base: {model: vgg11, epochs: 6}        # or {file: base.safetensors}
+    criteria: [l1, {name: sensitivity, options: {trials: 1}}]    # or: all
+    targets: [0.3, 0.5]                    # fraction of MACs to remove (dynamic methods: per input)
+    seeds: [0, 1]
+    finetune: {epochs: 1, lr: 0.01}        # identical for every criterion
+
+Unknown keys are errors with a suggestion (`prune_cli.config`); values are converted to the declared types, so
+CLI overrides (strings) and YAML values give the same experiment. Each cell is a `pruning.PruneJob`; its key
+is the hash of everything that decides its result, and keys the run record in the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prune_cli.api import Target
+from prune_cli.config import build_dataclass
+from prune_cli.errors import BadConfig, BadValue
+from prune_cli.pruning import PruneJob
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """The model every criterion prunes: a model `file`, or a zoo `model` trained here once (and reused)."""
+
+    file: str | None = None
+    model: str | None = None
+    epochs: int = 30
+    lr: float = 0.1
+    batch_size: int = 128
+    seed: int = 0
+
+    def __post_init__(self):
+        if (self.file is None) == (self.model is None):
+            raise BadConfig("base: give exactly one of `file` (a trained model file) or `model` (train it here)")
+
+
+@dataclass(frozen=True)
+class FinetuneSpec:
+    epochs: int = 0
+    lr: float = 0.01
+    batch_size: int = 128
+    weight_decay: float = 5e-4
+
+
+@dataclass(frozen=True)
+class CriterionSpec:
+    """One leaderboard entry: a criterion and its options (`label` tells two option sets apart)."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+    label: str | None = None
+
+    @property
+    def title(self) -> str:
+        if self.label:
+            return self.label
+        return self.name + "".join(f" {k}={v}" for k, v in sorted(self.options.items()))
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    base: BaseSpec
+    criteria: tuple[CriterionSpec, ...]
+    dataset: str = "digits"
+    data_dir: str | None = None
+    targets: tuple[float, ...] = (0.5,)
+    metric: str = "macs"
+    seeds: tuple[int, ...] = (0,)
+    finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
+    scope: str = "internal"
+    mode: str = "uniform"
+    round_to: int = 1
+    max_ratio: float = 0.9
+    calib_images: int = 1024
+    latency_batches: tuple[int, ...] = (1, 64)
+    latency_seconds: float = 2.0
+    out: str | None = None
+    notes: str = ""
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out or f"runs/{self.name}")
+
+    def cells(self) -> list[Cell]:
+        """Every (criterion, target, seed), criteria in the order given."""
+        return [
+            Cell(spec, self.job(spec, target, seed))
+            for spec in self.criteria for target in self.targets for seed in self.seeds
+        ]  # fmt: skip
+
+    def job(self, spec: CriterionSpec, target: float, seed: int) -> PruneJob:
+        ft = self.finetune
+        return PruneJob(
+            criterion=spec.name, options=dict(spec.options), target=Target(self.metric, target),  # type: ignore[arg-type]
+            mode=self.mode, scope=self.scope, round_to=self.round_to, max_ratio=self.max_ratio,
+            calib_images=self.calib_images, finetune_epochs=ft.epochs, lr=ft.lr, batch_size=ft.batch_size,
+            weight_decay=ft.weight_decay, seed=seed, latency_batches=self.latency_batches,
+            latency_seconds=self.latency_seconds,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Cell:
+    spec: CriterionSpec
+    job: PruneJob
+
+    def config(self, dataset: str, data_dir: str | None, base_digest: str) -> dict[str, Any]:
+        """Everything that decides the cell's result, as plain JSON (what the key hashes)."""
+        job = asdict(self.job)
+        job["latency_batches"] = list(job["latency_batches"])
+        return {"job": job, "dataset": dataset, "data_dir": data_dir, "base_sha256": base_digest}
+
+
+def config_key(config: dict[str, Any]) -> str:
+    """A short stable hash of a resolved config (canonical JSON, sorted keys)."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -> Experiment:
+    """Read a YAML experiment, apply CLI `overrides` (top-level keys; None values ignored), validate strictly."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadValue(f"experiment file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise BadConfig(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise BadConfig(f"{path} must hold a mapping of experiment keys")
+    raw.setdefault("name", path.stem)
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return parse_experiment(raw)
+
+
+def parse_experiment(raw: dict[str, Any]) -> Experiment:
+    values = dict(raw)
+    if "base" not in values or "criteria" not in values:
+        raise BadConfig("an experiment needs `base` (file or model to train) and `criteria`")
+    values["base"] = _section(BaseSpec, values["base"], "base")
+    values["finetune"] = _section(FinetuneSpec, values.get("finetune", {}), "finetune")
+    values["criteria"] = tuple(_criteria(values["criteria"]))
+    exp = build_dataclass(Experiment, values, where="experiment key")
+    for t in exp.targets:
+        Target(exp.metric, t)  # type: ignore[arg-type]  (validates range and metric)
+    if not exp.targets or not exp.seeds:
+        raise BadConfig("an experiment needs at least one target and one seed")
+    titles = [c.title for c in exp.criteria]
+    if len(set(titles)) != len(titles):
+        raise BadConfig(f"criteria entries must differ (give a `label`): {titles}")
+    exp.cells()  # PruneJob validates mode, scope, epochs...
+    return exp
+
+
+def _section(cls, value: Any, where: str):
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise BadConfig(f"`{where}` must be a mapping")
+    return build_dataclass(cls, value, where=f"{where} key")
+
+
+def _criteria(value: Any) -> list[CriterionSpec]:
+    """`all`, a comma-separated string, or a list of names / {name, options, label} mappings."""
+    from prune_cli.api import list_criteria
+
+    if isinstance(value, str):
+        value = list_criteria() if value.strip() == "all" else [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise BadConfig("`criteria` must be `all` or a non-empty list")
+    specs = []
+    for item in value:
+        spec = _section(CriterionSpec, {"name": item} if isinstance(item, str) else item, "criteria entry")
+        from prune_cli.pruning import build_criterion
+
+        build_criterion(spec.name, spec.options)  # unknown criterion or option: did-you-mean now, not mid-grid
+        specs.append(spec)
+    return specs

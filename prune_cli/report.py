@@ -1,0 +1,173 @@
+"""Leaderboards from run records alone: one row per criterion and target, mean +- std over seeds.
+
+`runs(records)` flattens records into one row per run; `leaderboard(runs)` aggregates them; `write(records, dir)`
+writes `leaderboard.csv` (numbers, mean and std columns), `leaderboard.md` and `leaderboard.tex` (formatted),
+`accuracy_vs_macs.png` and `latency_vs_macs.png`. Ranks are per target, by mean top-1 after fine-tuning.
+
+Speed-ups compare the pruned model with the base measured in the same run, on the same machine and threads:
+MAC speed-up = base MACs / pruned MACs (per-input average for dynamic methods), latency speed-up = base latency /
+pruned latency (median of repeated timings at each batch size).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from prune_cli.io import atomic_write, write_text
+
+# An entry whose achieved MACs reduction falls short of the target by more than this is not ranked.
+TARGET_TOLERANCE = 0.02
+LEADERBOARD_FILES = ("leaderboard.csv", "leaderboard.md", "leaderboard.tex", "accuracy_vs_macs.png",
+                     "latency_vs_macs.png")  # fmt: skip
+
+
+def runs(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """One row per run record: criterion, target, seed, costs, accuracies, speed-ups, timings."""
+    rows = []
+    for r in records:
+        b, a, t = r["before"], r["after"], r["timings"]
+        row = {
+            "criterion": r["criterion"], "result": r.get("result"), "target": r["target"], "seed": r["seed"],
+            "base_top1": b["top1"], "top1_before_ft": a.get("top1_before_finetune", a["top1"]), "top1": a["top1"],
+            "macs_removed": 1 - a["macs"] / b["macs"], "params_removed": 1 - a["params"] / b["params"],
+            "mac_speedup": b["macs"] / a["macs"], "base_macs": b["macs"], "macs": a["macs"],
+            "base_params": b["params"], "params": a["params"],
+            "score_s": t.get("score_s"), "finetune_s": t.get("finetune_s"), "total_s": t.get("total_s"),
+            "finetune_epochs": r["config"]["job"].get("finetune_epochs"), "threads": a.get("threads"),
+            "load_average": a.get("load_average"),
+        }  # fmt: skip
+        for key, value in b.items():
+            if key.startswith("latency_b") and key.endswith("_ms") and not key.endswith("spread_ms"):
+                batch = key[len("latency_b") : -len("_ms")]
+                if a.get(key):
+                    row[f"latency_speedup_b{batch}"] = value / a[key]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
+    """Aggregate runs per (criterion, target): means, stds over seeds, drop from the base, rank per target."""
+    if df.empty:
+        return df
+    order = list(dict.fromkeys(df["criterion"]))
+    grouped = df.groupby(["target", "criterion"], sort=False)
+    mean_cols = ["macs_removed", "params_removed", "mac_speedup", "score_s", "finetune_s", "base_top1"]
+    mean_cols += sorted(c for c in df.columns if c.startswith("latency_speedup_b"))
+    out = grouped[mean_cols].mean()
+    for col in ("top1_before_ft", "top1"):
+        out[f"{col}_mean"] = grouped[col].mean()
+        out[f"{col}_std"] = grouped[col].std(ddof=1).fillna(0.0)
+    out["seeds"] = grouped["seed"].nunique()
+    out["drop_pt"] = 100 * (out["base_top1"] - out["top1_mean"])
+    out = out.reset_index()
+    # Only entries that reached their cost target compete: a method that removed less is not "more accurate".
+    out["met_target"] = out["macs_removed"] >= out["target"] - TARGET_TOLERANCE
+    ranked = out["top1_mean"].where(out["met_target"])
+    out["rank"] = ranked.groupby(out["target"]).rank(ascending=False, method="min").astype("Int64")
+    out["_order"] = out["criterion"].map({c: i for i, c in enumerate(order)})
+    out = out.sort_values(["target", "rank", "_order"], na_position="last").drop(columns="_order")
+    out = out.reset_index(drop=True)
+    first = ["target", "rank", "criterion", "met_target", "seeds", "macs_removed", "params_removed",
+             "top1_before_ft_mean", "top1_before_ft_std", "top1_mean", "top1_std", "drop_pt",
+             "mac_speedup"]  # fmt: skip
+    return out[first + [c for c in out.columns if c not in first]]
+
+
+def formatted(lb: pd.DataFrame) -> pd.DataFrame:
+    """The leaderboard as display strings: accuracies in %, mean +- std, speed-ups as 1.23x."""
+
+    def pm(mean: float, std: float) -> str:
+        return f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+    latency = sorted(c for c in lb.columns if c.startswith("latency_speedup_b"))
+    rows = []
+    for _, r in lb.iterrows():
+        row = {
+            "target": f"-{100 * r['target']:.0f}%", "criterion": r["criterion"],
+            "rank": str(int(r["rank"])) if pd.notna(r["rank"]) else "missed target",
+            "seeds": int(r["seeds"]), "MACs removed": f"{100 * r['macs_removed']:.1f}%",
+            "params removed": f"{100 * r['params_removed']:.1f}%",
+            "top-1 before FT": pm(r["top1_before_ft_mean"], r["top1_before_ft_std"]),
+            "top-1": pm(r["top1_mean"], r["top1_std"]), "drop (pt)": f"{r['drop_pt']:+.2f}",
+            "MAC speed-up": f"{r['mac_speedup']:.2f}x",
+        }  # fmt: skip
+        for c in latency:
+            row[f"latency speed-up b{c.rsplit('_b', 1)[1]}"] = f"{r[c]:.2f}x"
+        row["scoring (s)"] = f"{r['score_s']:.1f}"
+        row["fine-tune (s)"] = f"{r['finetune_s']:.1f}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """A GitHub Markdown table (no extra dependency)."""
+    cols = list(table.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def header(df: pd.DataFrame) -> str:
+    """One line on the base model and the budget, for the Markdown file."""
+    base = df.iloc[0]
+    epochs = sorted(set(df["finetune_epochs"].dropna().astype(int)))
+    return (f"Base model: top-1 {100 * df['base_top1'].mean():.2f}%, {base['base_macs'] / 1e6:.2f}M MACs, "
+            f"{base['base_params'] / 1e6:.3f}M params. Fine-tuning: {', '.join(map(str, epochs))} epoch(s) for "
+            f"every criterion. {len(df)} runs; latency on {int(base['threads'] or 0)} thread(s).")  # fmt: skip
+
+
+def write(records: Sequence[dict[str, Any]], out_dir: str | Path, title: str = "leaderboard") -> pd.DataFrame:
+    """Write every leaderboard file into `out_dir` from `records`; return the numeric leaderboard."""
+    out_dir = Path(out_dir)
+    df = runs(records)
+    lb = leaderboard(df)
+    table = formatted(lb)
+    with atomic_write(out_dir / "leaderboard.csv") as tmp:
+        lb.to_csv(tmp, index=False, float_format="%.6g")
+    write_text(out_dir / "leaderboard.md", f"# {title}\n\n{header(df)}\n\n{markdown(table)}")
+    write_text(out_dir / "leaderboard.tex", table.to_latex(index=False).replace("±", r"$\pm$").replace("%", r"\%"))
+    plot(df, lb, out_dir)
+    return lb
+
+
+def plot(df: pd.DataFrame, lb: pd.DataFrame, out_dir: Path) -> None:
+    """accuracy_vs_macs.png (top-1 after fine-tuning, error bars = std over seeds) and latency_vs_macs.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base_top1 = 100 * df["base_top1"].mean()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for name, g in lb.groupby("criterion", sort=False):
+        g = g.sort_values("macs_removed")
+        ax.errorbar(100 * (1 - g["macs_removed"]), 100 * g["top1_mean"], yerr=100 * g["top1_std"], marker="o",
+                    capsize=3, label=name)  # fmt: skip
+    ax.axhline(base_top1, color="grey", linestyle="--", linewidth=1, label="base")
+    ax.set(xlabel="MACs kept (% of base)", ylabel="top-1 after fine-tuning (%)", title="accuracy against MACs")
+    ax.legend(fontsize=8)
+    _save(fig, out_dir / "accuracy_vs_macs.png")
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    latency = sorted(c for c in lb.columns if c.startswith("latency_speedup_b"))
+    for col, marker in zip(latency, "os^D", strict=False):
+        for name, g in lb.groupby("criterion", sort=False):
+            ax.scatter(g["mac_speedup"], g[col], marker=marker, label=f"{name} (batch {col.rsplit('_b', 1)[1]})")
+    top = max([2.0, *lb["mac_speedup"]])
+    ax.plot([1, top], [1, top], color="grey", linestyle="--", linewidth=1, label="latency = MACs")
+    ax.set(xlabel="MAC speed-up (x)", ylabel="measured latency speed-up (x)", title="latency against MACs")
+    ax.legend(fontsize=7, ncol=2)
+    _save(fig, out_dir / "latency_vs_macs.png")
+
+
+def _save(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)

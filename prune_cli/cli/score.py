@@ -1,0 +1,376 @@
+"""`prune-cli score`: score channels with one criterion (or every static one) and write what it decided as CSV.
+
+What the CSV holds depends on the criterion's result: per-channel scores for `Scores` (group, channel, score,
+rank, kept at the requested target), per-group ratios for `Allocation` (group, size, ratio, kept, and any
+per-group numbers the criterion reports, e.g. sensitivity), kept sets for `Plan` (group, channel, kept).
+Sensitivity also writes `<stem>_sweep.csv` and `<stem>_sweep.png`; `--compare-checkpoint` runs the same
+criterion on a second model file and reports how alike the two layer rankings are (Spearman, Kendall).
+
+`--criterion all` runs every registered static criterion and prints the mean over groups of the per-group
+Spearman correlation between every two criteria (`<stem>_spearman.csv`). Each criterion needs a per-channel
+number for that: its score (`Scores`); kept 1 / removed 0 at the target (`Plan`); for an `Allocation`, the
+scores of its `rank` criterion (the channels it keeps inside a group are the rank criterion's best, so within
+a group it orders channels exactly as that criterion: with rank l1 it correlates 1.0 with l1 by construction).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from prune_cli.cli import options as O
+from prune_cli.cli import ui
+
+
+def score(
+    model_file: Annotated[Path, typer.Argument(help="A trained .safetensors model file.")],
+    criterion: Annotated[
+        str, typer.Option("--criterion", "-c", help="A criterion (`prune-cli list criteria`) or 'all' (static ones).")
+    ] = "l1",
+    out: Annotated[Path, typer.Option("--out", "-o", help="CSV file to write.", rich_help_panel=O.OUTPUT)] = Path(
+        "scores.csv"
+    ),
+    target_macs: Annotated[
+        float | None, typer.Option(help="Fraction of MACs to remove (default 0.5).", rich_help_panel=O.PRUNE)
+    ] = None,
+    target_params: Annotated[
+        float | None, typer.Option(help="Fraction of parameters to remove.", rich_help_panel=O.PRUNE)
+    ] = None,
+    opt: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--opt", help="Criterion option name=value, or criterion.name=value (repeatable).", rich_help_panel=O.PRUNE
+        ),
+    ] = None,
+    mode: Annotated[str, typer.Option(help="uniform or global selection.", rich_help_panel=O.PRUNE)] = "uniform",
+    scope: Annotated[
+        str, typer.Option(help="internal or all (ResNet residual groups).", rich_help_panel=O.PRUNE)
+    ] = "internal",
+    round_to: Annotated[int, typer.Option(help="Keep a multiple of this many channels.", rich_help_panel=O.PRUNE)] = 1,
+    max_ratio: Annotated[float, typer.Option(help="Most a group may lose.", rich_help_panel=O.PRUNE)] = 0.9,
+    calib_images: Annotated[int, typer.Option(help="Calibration images for scoring.", rich_help_panel=O.PRUNE)] = 1024,
+    compare_checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="Second model file: compare its layer ranking with this one's.", rich_help_panel=O.OUTPUT),
+    ] = None,
+    dataset: O.Dataset = None,
+    data_dir: O.DataDir = None,
+    seed: O.Seed = 0,
+    device: O.Device = None,
+    threads: O.Threads = None,
+    quiet: O.Quiet = False,
+) -> None:
+    """Score MODEL_FILE's channels with a criterion and write the scores (or ratios, or kept sets) as CSV.
+
+    Example: prune-cli score base.safetensors --criterion sensitivity --target-macs 0.5 --out sens.csv
+    """
+    import torch
+
+    from prune_cli import pipeline, pruning, selection, surgery
+    from prune_cli.api import Target, check_result
+    from prune_cli.config import parse_key_values
+    from prune_cli.errors import BadValue, PruneCliError
+
+    ui.quiet = quiet
+    if target_macs is not None and target_params is not None:
+        raise BadValue("give at most one of --target-macs or --target-params (the fraction to remove)")
+    target = Target("params", target_params) if target_params is not None else Target("macs", target_macs or 0.5)
+    if out.suffix != ".csv":
+        raise BadValue(f"--out must end in .csv, got {out.name!r}")
+    names = static_criteria() if criterion == "all" else [criterion]
+    if compare_checkpoint is not None and criterion == "all":
+        raise BadValue("--compare-checkpoint compares one criterion's layer rankings: name the criterion")
+    options = split_options(parse_key_values(opt), names)
+    jobs = {
+        n: pruning.PruneJob(
+            criterion=n,
+            options=options[n],
+            target=target,
+            mode=mode,
+            scope=scope,
+            round_to=round_to,
+            max_ratio=max_ratio,
+            calib_images=calib_images,
+            seed=seed,
+        )  # fmt: skip
+        for n in names
+    }
+    crits = {n: pruning.build_criterion(n, options[n]) for n in names}  # bad names and options fail before loading
+    if criterion != "all" and crits[criterion].dynamic:
+        raise BadValue(f"{criterion!r} is a dynamic criterion: it has no static channel scores to write")
+    dev = pipeline.setup_runtime(device, threads, seed)
+    base, dataset, splits = pipeline.load_model_and_data(model_file, dataset, data_dir, seed=seed, device=dev)
+    example = pipeline.example_input(splits).to(dev)
+    groups = surgery.channel_groups(base, example)
+    in_scope = selection.groups_in_scope(groups, scope)
+    selection.check_reachable(surgery.CostModel(base, example), in_scope, target, round_to, max_ratio)
+
+    def score_one(model, name: str, reporter) -> tuple[Any, Any, dict, dict]:
+        ctx = pruning.make_context(model, surgery.channel_groups(model, example), splits, crits[name], jobs[name],
+                                   dev, ui.info, reporter.counter)  # fmt: skip
+        torch.manual_seed(seed)
+        result = check_result(crits[name].run(ctx), ctx.groups)
+        keep, _, report = pruning.plan_from_result(result, ctx, jobs[name])
+        return ctx, result, keep, report
+
+    proxies: dict[str, dict[str, Any]] = {}
+    long_rows: list[dict] = []
+    with ui.RichReporter() as reporter:
+        for name in names:
+            ui.info(f"scoring {len(in_scope)} channel groups of {model_file} with {name}")
+            try:
+                ctx, result, keep, report = score_one(base, name, reporter)
+            except PruneCliError as exc:
+                if criterion != "all":
+                    raise
+                ui.warn(f"{name}: {exc} (left out)")
+                continue
+            if criterion == "all":
+                proxies[name] = channel_proxy(result, ctx)
+                long_rows += [{"criterion": name, "result": type(result).__name__, **r}
+                              for r in channel_rows(proxies[name], keep, ctx.groups)]  # fmt: skip
+                continue
+            rows = result_rows(result, ctx, keep)
+            write_csv(out, rows)
+            ui.info(f"wrote {len(rows)} rows to {out}")
+            show(result, ctx, keep, report, name)
+            if sweep := getattr(result, "extra", {}).get("sweep"):
+                write_sweep(out, sweep, result.extra.get("baseline"))
+            if compare_checkpoint is not None:
+                other, _, _ = pipeline.load_model_and_data(compare_checkpoint, dataset, data_dir, seed=seed, device=dev)
+                ui.info(f"scoring {compare_checkpoint} with {name} for the ranking comparison")
+                _, other_result, _, _ = score_one(other, name, reporter)
+                compare_rankings(result, other_result, out, str(model_file), str(compare_checkpoint))
+    if criterion == "all":
+        write_csv(out, long_rows)
+        ui.info(f"wrote {len(long_rows)} rows to {out}")
+        matrix = spearman_matrix(proxies)
+        path = out.with_name(f"{out.stem}_spearman.csv")
+        write_csv(path, [{"criterion": a, **{b: matrix[a][b] for b in matrix}} for a in matrix])
+        ui.grid(["criterion", *matrix], [[a, *(matrix[a][b] for b in matrix)] for a in matrix],
+                title="Spearman rank correlation of channel scores (mean over groups)")  # fmt: skip
+        ui.info(f"wrote {path}")
+
+
+def static_criteria() -> list[str]:
+    """Every registered criterion whose result is static (Scores, Allocation or Plan), in name order."""
+    from prune_cli.api import get_criterion, list_criteria
+
+    return [n for n in list_criteria() if not get_criterion(n).dynamic]
+
+
+def split_options(values: Mapping[str, str], names: Sequence[str]) -> dict[str, dict[str, str]]:
+    """`criterion.key=value` goes to that criterion; a bare `key=value` only when one criterion is scored."""
+    from prune_cli.errors import BadValue, UnknownName
+
+    out: dict[str, dict[str, str]] = {n: {} for n in names}
+    for key, value in values.items():
+        owner, dot, name = key.rpartition(".")
+        if not dot:
+            if len(names) != 1:
+                raise BadValue(f"with --criterion all, write options as criterion.name=value, not {key!r}")
+            owner, name = names[0], key
+        if owner not in out:
+            raise UnknownName("criterion", owner, names)
+        out[owner][name] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- tables
+def _ranks(scores) -> list[int]:
+    """1 = best (highest score); ties rank the lower channel first, as the selection keeps them."""
+    import torch
+
+    order = torch.sort(-scores.double(), stable=True).indices.tolist()
+    rank = [0] * len(order)
+    for r, c in enumerate(order, start=1):
+        rank[c] = r
+    return rank
+
+
+def _kept_mask(keep: Mapping[str, Any], g) -> list[int]:
+    if g.id not in keep:
+        return [1] * g.size
+    kept = set(keep[g.id].tolist())
+    return [int(c in kept) for c in range(g.size)]
+
+
+def result_rows(result, ctx, keep: Mapping[str, Any]) -> list[dict]:
+    """The CSV rows of one criterion's result (see the module docstring)."""
+    from prune_cli.api import Allocation, Plan, Scores
+
+    rows: list[dict] = []
+    if isinstance(result, Scores):
+        return channel_rows(dict(result.per_group), keep, ctx.groups)
+    if isinstance(result, Plan):
+        for g in ctx.groups:
+            rows += [{"group": g.id, "channel": c, "kept": k} for c, k in enumerate(_kept_mask(keep, g))]
+        return rows
+    assert isinstance(result, Allocation)
+    per_group = {k: v for k, v in result.extra.items() if isinstance(v, Mapping) and set(v) >= set(result.ratios)}
+    for g in ctx.groups:
+        kept = sum(_kept_mask(keep, g))
+        row = {"group": g.id, "size": g.size, "ratio": float(result.ratios.get(g.id, 0.0)), "kept": kept}
+        rows.append({**row, **{k: v[g.id] for k, v in per_group.items()}})
+    return rows
+
+
+def channel_rows(scores: Mapping[str, Any], keep: Mapping[str, Any], groups) -> list[dict]:
+    rows = []
+    for g in groups:
+        if g.id not in scores:
+            continue
+        s, ranks, kept = scores[g.id], _ranks(scores[g.id]), _kept_mask(keep, g)
+        rows += [{"group": g.id, "channel": c, "score": float(s[c]), "rank": ranks[c], "kept": kept[c]}
+                 for c in range(g.size)]  # fmt: skip
+    return rows
+
+
+def channel_proxy(result, ctx) -> dict[str, Any]:
+    """A per-channel number for rank correlations (see the module docstring for the choice per result type)."""
+    import torch
+
+    from prune_cli import pruning
+    from prune_cli.api import Allocation, Plan, Scores
+
+    if isinstance(result, Scores):
+        return dict(result.per_group)
+    if isinstance(result, Allocation):
+        return dict(pruning.build_criterion(result.rank, {}).run(ctx).per_group)
+    assert isinstance(result, Plan)
+    return {g.id: torch.tensor(_kept_mask(result.keep, g), dtype=torch.float64) for g in ctx.groups}
+
+
+def spearman_matrix(proxies: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """Mean over shared groups of Spearman's rho between two criteria's channel numbers (NaN: no usable group).
+
+    A group where either criterion gives every channel the same number has no ranking and is left out.
+    """
+    from scipy.stats import spearmanr
+
+    names = list(proxies)
+    out: dict[str, dict[str, float]] = {a: {} for a in names}
+    for a in names:
+        for b in names:
+            rhos = []
+            for gid in proxies[a].keys() & proxies[b].keys():
+                x, y = proxies[a][gid].double().numpy(), proxies[b][gid].double().numpy()
+                if len(x) > 1 and x.std() > 0 and y.std() > 0:
+                    rhos.append(float(spearmanr(x, y).statistic))
+            out[a][b] = sum(rhos) / len(rhos) if rhos else math.nan
+    return out
+
+
+def show(result, ctx, keep, report: Mapping[str, Any], name: str) -> None:
+    """Per-group summary on stdout: size, kept at the target, and the criterion's own per-group numbers."""
+    from prune_cli.api import Allocation
+
+    extra_cols = []
+    if isinstance(result, Allocation):
+        extra_cols = [k for k, v in result.extra.items() if isinstance(v, Mapping) and set(v) >= set(result.ratios)]
+    rows = []
+    for g in ctx.groups:
+        kept = len(keep[g.id]) if g.id in keep else g.size
+        rows.append([g.id, g.size, kept, 1 - kept / g.size,
+                     *(float(result.extra[k][g.id]) for k in extra_cols)])  # fmt: skip
+    ui.grid(["group", "size", "kept", "removed", *extra_cols], rows, title=f"{name}: {type(result).__name__}")
+    ui.out.print(f"target {report['metric']} reduction: requested {report['requested']:.3f}, "
+                 f"achieved {report['achieved']:.3f}", markup=False)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------- files
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    from prune_cli.io import atomic_write
+
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def write_sweep(out: Path, sweep: Sequence[Mapping[str, Any]], baseline: Mapping[str, float] | None) -> None:
+    """`<stem>_sweep.csv` (group, level, trial, accuracy, loss) and `<stem>_sweep.png` (mean accuracy vs level)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from prune_cli.io import atomic_write
+
+    csv_path, png_path = out.with_name(f"{out.stem}_sweep.csv"), out.with_name(f"{out.stem}_sweep.png")
+    write_csv(csv_path, [{k: r[k] for k in ("group", "level", "trial", "accuracy", "loss")} for r in sweep])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for gid in dict.fromkeys(r["group"] for r in sweep):
+        by_level: dict[float, list[float]] = {}
+        for r in sweep:
+            if r["group"] == gid:
+                by_level.setdefault(r["level"], []).append(r["accuracy"])
+        levels = sorted(by_level)
+        accs = [sum(by_level[d]) / len(by_level[d]) for d in levels]
+        if baseline is not None:
+            levels, accs = [0.0, *levels], [baseline["accuracy"], *accs]
+        ax.plot(levels, accs, marker="o", markersize=3, label=gid)
+    ax.set_xlabel("damage level (fraction of the group's channels)")
+    ax.set_ylabel("calibration top-1 (mean over trials)")
+    ax.set_title("sensitivity sweep")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    with atomic_write(png_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    ui.info(f"wrote {csv_path} and {png_path}")
+
+
+def compare_rankings(a, b, out: Path, name_a: str, name_b: str) -> dict[str, float]:
+    """Spearman and Kendall between the per-group sensitivities of two checkpoints; `<stem>_compare.csv`."""
+    from scipy.stats import kendalltau, spearmanr
+
+    from prune_cli.errors import BadValue
+
+    sa, sb = (getattr(r, "extra", {}).get("sensitivity") for r in (a, b))
+    if not sa or not sb:
+        raise BadValue("--compare-checkpoint needs a criterion that reports per-group sensitivities (sensitivity)")
+    common = [g for g in sa if g in sb]
+    if len(common) < 2:
+        raise BadValue("the two model files share fewer than two channel groups: they cannot be compared")
+    xa, xb = [sa[g] for g in common], [sb[g] for g in common]
+    stats = dict.fromkeys(("spearman", "spearman_p", "kendall", "kendall_p"), math.nan)
+    if len(set(xa)) == 1 or len(set(xb)) == 1:
+        ui.warn("one of the two checkpoints gives every group the same sensitivity: no ranking to correlate "
+                "(more calibration images or measure=loss may separate them)")  # fmt: skip
+    else:
+        rho, tau = spearmanr(xa, xb), kendalltau(xa, xb)
+        stats = {"spearman": float(rho.statistic), "spearman_p": float(rho.pvalue),
+                 "kendall": float(tau.statistic), "kendall_p": float(tau.pvalue)}  # fmt: skip
+    rank_a, rank_b = _order(xa), _order(xb)
+    rows = [{"group": g, "sensitivity_a": xa[i], "sensitivity_b": xb[i], "rank_a": rank_a[i], "rank_b": rank_b[i]}
+            for i, g in enumerate(common)]  # fmt: skip
+    write_csv(out.with_name(f"{out.stem}_compare.csv"), rows)
+    ui.grid(["group", "S (this)", "S (other)", "rank", "rank (other)"],
+            [[r["group"], r["sensitivity_a"], r["sensitivity_b"], r["rank_a"], r["rank_b"]] for r in rows],
+            title=f"layer ranking: {name_a} vs {name_b} (rank 1 = most sensitive)")  # fmt: skip
+    ui.out.print(f"Spearman rho {stats['spearman']:.3f} (p {stats['spearman_p']:.3g}), "
+                 f"Kendall tau {stats['kendall']:.3f} (p {stats['kendall_p']:.3g}) over {len(common)} groups",
+                 markup=False)  # fmt: skip
+    return stats
+
+
+def _order(values: Sequence[float]) -> list[int]:
+    """Rank 1 = largest value."""
+    order = sorted(range(len(values)), key=lambda i: -values[i])
+    rank = [0] * len(values)
+    for r, i in enumerate(order, start=1):
+        rank[i] = r
+    return rank
+
+
+def register(app: typer.Typer) -> None:
+    app.command("score")(ui.user_errors(score))

@@ -63,9 +63,7 @@ class CriterionSpec:
 
     @property
     def title(self) -> str:
-        if self.label:
-            return self.label
-        return self.name + "".join(f" {k}={v}" for k, v in sorted(self.options.items()))
+        return self.label or self.name
 
 
 @dataclass(frozen=True)

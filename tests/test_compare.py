@@ -1,0 +1,162 @@
+"""`prune-cli compare` and `report` end to end on digits: files, reuse, interruption, corrupt records, strict YAML."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from prune_cli import report
+from prune_cli.api import list_criteria
+from prune_cli.cli import app
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+ACCURACY = ["target", "criterion", "seeds", "macs_removed", "params_removed", "top1_before_ft_mean", "top1_mean"]
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def experiment(path: Path, **values) -> Path:
+    spec = {
+        "name": "tiny", "dataset": "digits", "targets": [0.3], "seeds": [0, 1], "finetune": {"epochs": 1},
+        "latency_batches": [1], "latency_seconds": 0.05, "calib_images": 128, **values,
+    }  # fmt: skip
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    out = tmp_path_factory.mktemp("base") / "base.safetensors"
+    result = run("train", "--model", "resnet20", "--dataset", "digits", "--epochs", "1", "--out", out, "-q")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def grid(base, tmp_path_factory):
+    """Two criteria x one target x two seeds, run in two worker processes."""
+    folder = tmp_path_factory.mktemp("grid")
+    exp = experiment(folder / "tiny.yaml", base={"file": str(base)}, criteria=["l1", "dcs"], out=str(folder / "out"))
+    result = run("compare", exp, "--jobs", "2")
+    assert result.exit_code == 0, result.output
+    return exp, folder / "out", result
+
+
+def test_grid_writes_every_file_and_one_record_per_cell(grid):
+    _, out, result = grid
+    for name in report.LEADERBOARD_FILES:
+        assert (out / name).stat().st_size > 0, name
+    records = [json.loads(p.read_text()) for p in sorted((out / "records").glob("*.json"))]
+    assert len(records) == 4 and {(r["criterion"], r["seed"]) for r in records} == {
+        (c, s) for c in ("l1", "dcs") for s in (0, 1)
+    }
+    for r in records:
+        assert set(r["timings"]) >= {"score_s", "surgery_s", "finetune_s", "total_s"}
+        assert r["versions"]["torch"] and r["widths"] and 0.28 <= r["target_report"]["achieved"] <= 0.33
+    lb = pd.read_csv(out / "leaderboard.csv")
+    assert list(lb["criterion"].sort_values()) == ["dcs", "l1"] and (lb["seeds"] == 2).all()
+    assert set(lb["rank"]) == {1, 2} and lb["met_target"].all()
+    assert "l1" in result.stdout and "dcs" in result.stdout and "rank" in (out / "leaderboard.md").read_text()
+
+
+def test_rerun_recomputes_nothing(grid):
+    exp, out, _ = grid
+    before = {p.name: p.read_bytes() for p in (out / "records").glob("*.json")}
+    result = run("compare", exp)
+    assert result.exit_code == 0, result.output
+    assert "0 cells run, 4 reused" in result.output
+    assert {p.name: p.read_bytes() for p in (out / "records").glob("*.json")} == before
+
+
+def test_report_rebuilds_the_leaderboard_from_records_alone(grid, tmp_path):
+    _, out, _ = grid
+    copy = tmp_path / "copy"
+    shutil.copytree(out / "records", copy / "records")
+    result = run("report", copy)
+    assert result.exit_code == 0, result.output
+    assert (copy / "leaderboard.md").read_text() == (out / "leaderboard.md").read_text()
+    for name in report.LEADERBOARD_FILES:
+        assert (copy / name).exists()
+
+
+def test_corrupt_record_is_reported_and_run_again(grid, tmp_path):
+    exp, out, _ = grid
+    copy = tmp_path / "out"
+    shutil.copytree(out / "records", copy / "records")
+    victim = sorted((copy / "records").glob("*.json"))[0]
+    victim.write_text(victim.read_text()[:200])  # a record cut short
+    result = run("compare", exp, "--out", copy)
+    assert result.exit_code == 0, result.output
+    assert "corrupt run record" in result.output and "1 cells run, 3 reused" in result.output
+    assert json.loads(victim.read_text())["key"] == victim.stem
+    fresh = pd.read_csv(copy / "leaderboard.csv")[ACCURACY]
+    pd.testing.assert_frame_equal(fresh, pd.read_csv(out / "leaderboard.csv")[ACCURACY])
+
+
+def test_interrupted_run_resumes_to_the_same_leaderboard(grid, base, tmp_path):
+    """Kill a `compare` child process after its first record, resume it: the l1 rows equal the grid's."""
+    _, out, _ = grid
+    exp = experiment(tmp_path / "l1.yaml", base={"file": str(base)}, criteria=["l1"], out=str(tmp_path / "out"))
+    records = tmp_path / "out" / "records"
+    cmd = [sys.executable, "-m", "prune_cli", "compare", str(exp), "--threads", "1", "-q"]
+    child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list(records.glob("*.json")) and child.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert len(list(records.glob("*.json"))) >= 1 and not list(records.glob(".*.tmp"))
+    result = run("compare", exp, "--threads", "1")
+    assert result.exit_code == 0, result.output
+    resumed = pd.read_csv(tmp_path / "out" / "leaderboard.csv")[ACCURACY]
+    full = pd.read_csv(out / "leaderboard.csv")[ACCURACY]
+    pd.testing.assert_frame_equal(resumed.reset_index(drop=True), full[full["criterion"] == "l1"].reset_index(drop=True))
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"criteria": ["l1"], "base": {"file": "x.safetensors"}, "targtes": [0.5]}, "did you mean 'targets'"),
+        ({"criteria": ["l2norm"], "base": {"file": "x.safetensors"}}, "unknown criterion 'l2norm'"),
+        ({"criteria": [{"name": "l1", "options": {"moed": "greedy"}}], "base": {"model": "vgg11"}}, "'mode'"),
+        ({"criteria": ["l1"], "base": {"model": "vgg11"}, "targets": [1.2]}, "reduction must be in"),
+        ({"criteria": ["l1"], "base": {}}, "exactly one of `file`"),
+        ({"criteria": ["l1"], "base": {"file": "missing.safetensors"}}, "does not exist"),
+    ],
+)
+def test_bad_experiments_end_with_one_line_and_exit_2(tmp_path, values, message):
+    exp = experiment(tmp_path / "bad.yaml", out=str(tmp_path / "out"), **values)
+    result = run("compare", exp)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out" / "records").exists()
+
+
+def test_report_of_a_folder_without_records_is_a_user_error(tmp_path):
+    result = run("report", tmp_path)
+    assert result.exit_code == 2 and "no records/" in result.output
+
+
+def test_quickstart_names_every_registered_criterion():
+    spec = yaml.safe_load((ROOT / "experiments" / "quickstart.yaml").read_text())
+    names = {c if isinstance(c, str) else c["name"] for c in spec["criteria"]}
+    assert set(list_criteria()) <= names
+
+
+@pytest.mark.slow
+def test_quickstart_leaderboard_holds_every_registered_criterion(tmp_path):
+    result = run("compare", ROOT / "experiments" / "quickstart.yaml", "--out", tmp_path, "--jobs", "2")
+    assert result.exit_code == 0, result.output
+    assert set(pd.read_csv(tmp_path / "leaderboard.csv")["criterion"]) >= set(list_criteria())

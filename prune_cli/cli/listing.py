@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated
 
 import typer
@@ -40,12 +41,21 @@ def list_(
         for n in list_criteria():
             if _match(n, pattern):
                 cls = get_criterion(n)
-                rows.append({"name": n, "paper": f"arXiv {cls.paper}", "needs": ",".join(sorted(cls.needs)) or "-"})
+                options = " ".join(f"{f.name}={_plain(f.default)}" for f in dataclasses.fields(cls.Options))
+                rows.append({"name": n, "paper": f"arXiv {cls.paper}", "needs": ",".join(sorted(cls.needs)) or "-",
+                             "options (defaults)": options})  # fmt: skip
     if json:
         ui.print_json(rows)
         return
     headers = list(dict.fromkeys(k for r in rows for k in r))
     ui.grid(headers, [[r.get(h, "") for h in headers] for r in rows])
+
+
+def _plain(value: object) -> str:
+    """An option default as one would type it after --opt (tuples comma-separated)."""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return "(none)" if value is dataclasses.MISSING else str(value)
 
 
 def _match(name: str, pattern: str) -> bool:

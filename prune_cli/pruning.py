@@ -182,7 +182,7 @@ def run(
         pruned.prune_cli_arch = base.prune_cli_arch
     else:
         keep, overrides, target_report = plan_from_result(result, ctx, job)
-        pruned = surgery.prune(base, example, keep, overrides or None)
+        pruned = surgery.prune(base, example, keep, overrides or None, groups=groups)
     if job.recalibrate_bn and not isinstance(result, Dynamic):
         engine.recalibrate_batchnorm(pruned, splits, device=device)
     surgery_s = time.perf_counter() - t1

@@ -86,20 +86,9 @@ def score(
     if compare_checkpoint is not None and criterion == "all":
         raise BadValue("--compare-checkpoint compares one criterion's layer rankings: name the criterion")
     options = split_options(parse_key_values(opt), names)
-    jobs = {
-        n: pruning.PruneJob(
-            criterion=n,
-            options=options[n],
-            target=target,
-            mode=mode,
-            scope=scope,
-            round_to=round_to,
-            max_ratio=max_ratio,
-            calib_images=calib_images,
-            seed=seed,
-        )  # fmt: skip
-        for n in names
-    }
+    common = dict(target=target, mode=mode, scope=scope, round_to=round_to, max_ratio=max_ratio,
+                  calib_images=calib_images, seed=seed)  # fmt: skip
+    jobs = {n: pruning.PruneJob(criterion=n, options=options[n], **common) for n in names}  # type: ignore[arg-type]
     crits = {n: pruning.build_criterion(n, options[n]) for n in names}  # bad names and options fail before loading
     if criterion != "all" and crits[criterion].dynamic:
         raise BadValue(f"{criterion!r} is a dynamic criterion: it has no static channel scores to write")

@@ -54,8 +54,8 @@ from scipy.spatial.distance import squareform
 from torch import Tensor, nn
 
 from prune_cli.api import ChannelGroup, Context, Criterion, Plan, Scores, register_criterion
-from prune_cli.errors import BadValue, TargetUnreachable
-from prune_cli.selection import kept_count, select
+from prune_cli.errors import BadValue
+from prune_cli.selection import bisect, kept_count, select
 from prune_cli.surgery import CostModel, prune
 
 
@@ -299,19 +299,7 @@ def _threshold_counts(
         return 1 - cost.metric(counts_at(tau), ctx.target.metric) / base
 
     hi = max((float(h[-1]) for h in heights.values() if len(h)), default=0.0) + 1.0
-    if reduction(hi) + 1e-9 < ctx.target.reduction:
-        raise TargetUnreachable(
-            f"similarity: cannot remove {ctx.target.reduction:.1%} of the {ctx.target.metric}; the most the "
-            f"constraints allow is {reduction(hi):.1%}"
-        )
-    lo = 0.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if reduction(mid) >= ctx.target.reduction:
-            hi = mid
-        else:
-            lo = mid
-    return counts_at(hi)
+    return bisect(reduction, ctx.target.reduction, hi, counts_at)
 
 
 # ----------------------------------------------------------------------------------------- representatives

@@ -115,7 +115,7 @@ def select(
     else:
         raise BadValue(f"selection mode must be 'uniform' or 'global', got {mode!r}")
 
-    counts = _bisect(lambda t: 1 - cost.metric(counts_at(t), target.metric) / base, target.reduction, hi, counts_at)
+    counts = bisect(lambda t: 1 - cost.metric(counts_at(t), target.metric) / base, target.reduction, hi, counts_at)
     return _finish(cost, groups, scores, counts, target)
 
 
@@ -133,8 +133,11 @@ def check_reachable(
     return best
 
 
-def _bisect(reduction_at: Callable[[float], float], want: float, hi: float, counts_at) -> dict[str, int]:
-    """Smallest parameter t in [0, hi] whose reduction reaches `want` (reduction is monotone in t)."""
+def bisect(reduction_at: Callable[[float], float], want: float, hi: float, counts_at) -> dict[str, int]:
+    """`counts_at(t)` at the smallest t in [0, hi] whose reduction reaches `want` (reduction is monotone in t).
+
+    Raises TargetUnreachable when even `hi` falls short. Criteria that choose widths themselves use it too.
+    """
     best = reduction_at(hi)
     if best + 1e-9 < want:
         raise TargetUnreachable(

@@ -43,3 +43,14 @@ OutFile = Annotated[Path, typer.Option("--out", "-o", help="Output model file (.
 LatencyBatches = Annotated[
     str, typer.Option("--latency-batches", help="Batch sizes for latency, comma separated.", rich_help_panel=OUTPUT)
 ]
+
+# Pruning: the same flags for `prune` and `score`.
+TargetMacs = Annotated[
+    float | None, typer.Option(help="Fraction of MACs to remove (0.5 = half).", rich_help_panel=PRUNE)
+]
+TargetParams = Annotated[float | None, typer.Option(help="Fraction of parameters to remove.", rich_help_panel=PRUNE)]
+Mode = Annotated[str, typer.Option(help="uniform or global selection.", rich_help_panel=PRUNE)]
+Scope = Annotated[str, typer.Option(help="internal or all (ResNet residual groups).", rich_help_panel=PRUNE)]
+RoundTo = Annotated[int, typer.Option(help="Keep a multiple of this many channels.", rich_help_panel=PRUNE)]
+MaxRatio = Annotated[float, typer.Option(help="Most a group may lose.", rich_help_panel=PRUNE)]
+CalibImages = Annotated[int, typer.Option(help="Calibration images for scoring.", rich_help_panel=PRUNE)]

@@ -14,23 +14,17 @@ from prune_cli.cli import ui
 def prune(
     model_file: Annotated[Path, typer.Argument(help="A trained .safetensors model file.")],
     criterion: Annotated[str, typer.Option("--criterion", "-c", help="See `prune-cli list criteria`.")] = "l1",
-    target_macs: Annotated[
-        float | None, typer.Option(help="Fraction of MACs to remove (0.5 = half).", rich_help_panel=O.PRUNE)
-    ] = None,
-    target_params: Annotated[
-        float | None, typer.Option(help="Fraction of parameters to remove.", rich_help_panel=O.PRUNE)
-    ] = None,
+    target_macs: O.TargetMacs = None,
+    target_params: O.TargetParams = None,
     opt: Annotated[
         list[str] | None,
         typer.Option("--opt", help="Criterion option name=value (repeatable).", rich_help_panel=O.PRUNE),
     ] = None,
-    mode: Annotated[str, typer.Option(help="uniform or global selection.", rich_help_panel=O.PRUNE)] = "uniform",
-    scope: Annotated[
-        str, typer.Option(help="internal or all (ResNet residual groups).", rich_help_panel=O.PRUNE)
-    ] = "internal",
-    round_to: Annotated[int, typer.Option(help="Keep a multiple of this many channels.", rich_help_panel=O.PRUNE)] = 1,
-    max_ratio: Annotated[float, typer.Option(help="Most a group may lose.", rich_help_panel=O.PRUNE)] = 0.9,
-    calib_images: Annotated[int, typer.Option(help="Calibration images for scoring.", rich_help_panel=O.PRUNE)] = 1024,
+    mode: O.Mode = "uniform",
+    scope: O.Scope = "internal",
+    round_to: O.RoundTo = 1,
+    max_ratio: O.MaxRatio = 0.9,
+    calib_images: O.CalibImages = 1024,
     finetune_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs (0: none).", rich_help_panel=O.TRAIN)] = 0,
     lr: O.Lr = 0.01,
     batch_size: O.BatchSize = 128,

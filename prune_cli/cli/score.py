@@ -35,25 +35,19 @@ def score(
     out: Annotated[Path, typer.Option("--out", "-o", help="CSV file to write.", rich_help_panel=O.OUTPUT)] = Path(
         "scores.csv"
     ),
-    target_macs: Annotated[
-        float | None, typer.Option(help="Fraction of MACs to remove (default 0.5).", rich_help_panel=O.PRUNE)
-    ] = None,
-    target_params: Annotated[
-        float | None, typer.Option(help="Fraction of parameters to remove.", rich_help_panel=O.PRUNE)
-    ] = None,
+    target_macs: O.TargetMacs = None,
+    target_params: O.TargetParams = None,
     opt: Annotated[
         list[str] | None,
         typer.Option(
             "--opt", help="Criterion option name=value, or criterion.name=value (repeatable).", rich_help_panel=O.PRUNE
         ),
     ] = None,
-    mode: Annotated[str, typer.Option(help="uniform or global selection.", rich_help_panel=O.PRUNE)] = "uniform",
-    scope: Annotated[
-        str, typer.Option(help="internal or all (ResNet residual groups).", rich_help_panel=O.PRUNE)
-    ] = "internal",
-    round_to: Annotated[int, typer.Option(help="Keep a multiple of this many channels.", rich_help_panel=O.PRUNE)] = 1,
-    max_ratio: Annotated[float, typer.Option(help="Most a group may lose.", rich_help_panel=O.PRUNE)] = 0.9,
-    calib_images: Annotated[int, typer.Option(help="Calibration images for scoring.", rich_help_panel=O.PRUNE)] = 1024,
+    mode: O.Mode = "uniform",
+    scope: O.Scope = "internal",
+    round_to: O.RoundTo = 1,
+    max_ratio: O.MaxRatio = 0.9,
+    calib_images: O.CalibImages = 1024,
     compare_checkpoint: Annotated[
         Path | None,
         typer.Option(help="Second model file: compare its layer ranking with this one's.", rich_help_panel=O.OUTPUT),

@@ -142,25 +142,34 @@ def plot(df: pd.DataFrame, lb: pd.DataFrame, out_dir: Path) -> None:
     import matplotlib.pyplot as plt
 
     base_top1 = 100 * df["base_top1"].mean()
+    epochs = sorted(set(df["finetune_epochs"].dropna().astype(int)))
+    ylabel = "top-1, no fine-tuning (%)" if epochs == [0] else "top-1 after fine-tuning (%)"
+    colours = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys(lb["criterion"]))}
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for name, g in lb.groupby("criterion", sort=False):
         g = g.sort_values("macs_removed")
         ax.errorbar(100 * (1 - g["macs_removed"]), 100 * g["top1_mean"], yerr=100 * g["top1_std"], marker="o",
-                    capsize=3, label=name)  # fmt: skip
+                    capsize=3, label=name, color=colours[name])  # fmt: skip
     ax.axhline(base_top1, color="grey", linestyle="--", linewidth=1, label="base")
-    ax.set(xlabel="MACs kept (% of base)", ylabel="top-1 after fine-tuning (%)", title="accuracy against MACs")
+    ax.set(xlabel="MACs kept (% of base)", ylabel=ylabel, title="accuracy against MACs (mean ± std over seeds)")
     ax.legend(fontsize=8)
     _save(fig, out_dir / "accuracy_vs_macs.png")
 
+    # One colour per criterion, one marker per batch size.
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     latency = sorted(c for c in lb.columns if c.startswith("latency_speedup_b"))
-    for col, marker in zip(latency, "os^D", strict=False):
+    markers = dict(zip(latency, "o^sD", strict=False))
+    for col in latency:
         for name, g in lb.groupby("criterion", sort=False):
-            ax.scatter(g["mac_speedup"], g[col], marker=marker, label=f"{name} (batch {col.rsplit('_b', 1)[1]})")
+            ax.scatter(g["mac_speedup"], g[col], marker=markers[col], color=colours[name], alpha=0.8)
     top = max([2.0, *lb["mac_speedup"]])
-    ax.plot([1, top], [1, top], color="grey", linestyle="--", linewidth=1, label="latency = MACs")
+    ax.plot([1, top], [1, top], color="grey", linestyle="--", linewidth=1)
+    handles = [plt.Line2D([], [], color=c, marker="o", linestyle="", label=n) for n, c in colours.items()]
+    handles += [plt.Line2D([], [], color="black", marker=m, linestyle="", label=f"batch {c.rsplit('_b', 1)[1]}")
+                for c, m in markers.items()]  # fmt: skip
+    handles.append(plt.Line2D([], [], color="grey", linestyle="--", label="latency = MACs"))
     ax.set(xlabel="MAC speed-up (x)", ylabel="measured latency speed-up (x)", title="latency against MACs")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(handles=handles, fontsize=7, ncol=2)
     _save(fig, out_dir / "latency_vs_macs.png")
 
 

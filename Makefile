@@ -19,11 +19,13 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) -m prune_cli compare experiments/quickstart.yaml --jobs 2
 
+# Two worker processes (one torch thread each) use both cores; a test file stays on one worker, so its
+# module fixtures (a trained base model, a comparison grid) are built once.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-all: setup
-	$(PY) -m pytest -q -m ''
+	$(PY) -m pytest -q -n 2 --dist loadfile -m ''
 
 bench: setup
 	$(PY) benchmarks/engine_throughput.py

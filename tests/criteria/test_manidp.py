@@ -287,3 +287,17 @@ def test_safetensors_round_trip_rebuilds_identical_model(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
     assert torch.equal(per_input_macs(loaded, x)[0], per_input_macs(model, x)[0])
+
+
+def test_ahead_schedule_reaches_the_target_before_the_last_epoch(tiny_resnet):
+    """schedule=ahead: after epoch e the thresholds of r(e+1), so the last epoch already trains at rate t."""
+    model = gated(tiny_resnet)
+    hooks = ManiDPHooks(remain=0.5, lam=5e-3, eta=1.0, gamma=1.0, thre_cls=0.5, complexity=1.0, ahead=True)
+    epochs = 3
+    g = torch.Generator().manual_seed(0)
+    for epoch in range(epochs):
+        sums = [torch.rand(c.out_channels, generator=g) * 8 for c in gated_layers(model)]
+        hooks.saliency_sums, hooks.seen, hooks.ce_sum = sums, 8, 8.0
+        hooks.on_epoch_end(model, epoch, epochs, {})
+    rates = [h.get("rate") for h in hooks.history]
+    assert rates[0] is None and rates[1:] == pytest.approx([0.5, 0.5])  # official: [r(1) = 0.625, 0.5]

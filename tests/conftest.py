@@ -8,7 +8,7 @@ from helpers import randomise_bn
 # tiny models run 5-30x slower; alone, one thread costs these small tests little.
 torch.set_num_threads(1)
 
-import models
+import models  # noqa: E402  (after set_num_threads: models may build tensors on import)
 
 
 @pytest.fixture

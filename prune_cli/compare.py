@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import datetime as dt
-import json
 import multiprocessing
 import os
 import platform
@@ -74,9 +73,9 @@ def run_grid(
         raise BadValue(f"--jobs must be >= 1, got {jobs}")
     device = device or engine.default_device()
     store = Store(exp.out_dir)
+    cells = exp.cells()  # validates every job before any training
     base_file = prepare_base(exp, device, reporter, log)
     digest = file_digest(base_file)
-    cells = exp.cells()
     keys = [config_key(c.config(exp.dataset, exp.data_dir, digest)) for c in cells]
 
     done: dict[str, dict] = {}
@@ -146,7 +145,7 @@ def run_cell(
         "base_file": str(base_file),
         "before": s["before"],
         "after": s["after"],
-        "target_report": _jsonable(s["target_report"]),
+        "target_report": s["target_report"],
         "timings": {**s["timings"], "total_s": time.perf_counter() - t0},
         "widths": s["widths"],
         "history": outcome.history,
@@ -165,8 +164,3 @@ def versions() -> dict[str, str]:
 
     return {"prune_cli": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "scikit_learn": sklearn.__version__, "python": platform.python_version()}  # fmt: skip
-
-
-def _jsonable(obj: Any) -> Any:
-    """Tensors and other objects in a target report -> plain JSON values."""
-    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))

@@ -26,7 +26,7 @@ import yaml
 from prune_cli.api import Target
 from prune_cli.config import build_dataclass
 from prune_cli.errors import BadConfig, BadValue
-from prune_cli.pruning import PruneJob
+from prune_cli.pruning import PruneJob, build_criterion
 
 
 @dataclass(frozen=True)
@@ -190,8 +190,6 @@ def _criteria(value: Any) -> list[CriterionSpec]:
     specs = []
     for item in value:
         spec = _section(CriterionSpec, {"name": item} if isinstance(item, str) else item, "criteria entry")
-        from prune_cli.pruning import build_criterion
-
         build_criterion(spec.name, spec.options)  # unknown criterion or option: did-you-mean now, not mid-grid
         specs.append(spec)
     return specs

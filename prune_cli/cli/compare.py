@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -53,8 +54,8 @@ def compare(
                  "dataset": dataset, "data_dir": str(data_dir) if data_dir else None,
                  "base": {"file": str(base)} if base else None}  # fmt: skip
     exp = load_experiment(experiment, overrides)
-    if finetune_epochs is not None:
-        exp = load_experiment(experiment, {**overrides, "finetune": {**_finetune(exp), "epochs": finetune_epochs}})
+    if finetune_epochs is not None:  # a nested key: replace it in the parsed experiment (run_grid validates it)
+        exp = replace(exp, finetune=replace(exp.finetune, epochs=finetune_epochs))
     dev = pipeline.setup_runtime(device, threads, 0)
     with ui.RichReporter() as reporter:
         result = grid.run_grid(exp, jobs=jobs, device=dev, reporter=reporter, log=ui.info, warn=ui.warn)
@@ -64,12 +65,6 @@ def compare(
     loads = [r["after"].get("load_average") or 0 for r in result.records]
     if warning := pipeline.busy_machine_warning({"load_average": max(loads), "device": dev.type}):
         ui.warn(warning)
-
-
-def _finetune(exp) -> dict:
-    from dataclasses import asdict
-
-    return asdict(exp.finetune)
 
 
 def show(lb) -> None:

@@ -11,13 +11,16 @@ torch.set_num_threads(1)
 import models  # noqa: E402  (after set_num_threads: models may build tensors on import)
 
 
+# Seeded: a model must not depend on which tests ran before in the same process (pytest-xdist changes that).
 @pytest.fixture
 def tiny_vgg():
+    torch.manual_seed(2)
     return randomise_bn(models.create_model("vgg11", num_classes=10, in_channels=3))
 
 
 @pytest.fixture
 def tiny_resnet():
+    torch.manual_seed(1)
     return randomise_bn(models.create_model("resnet20", num_classes=10, in_channels=3))
 
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from prune_cli.api import ChannelGroup, Member
 from prune_cli.errors import UnsupportedGraph
@@ -80,27 +79,56 @@ class _UnionFind:
 class TracedModel:
     """The traced graph with per-node layouts, kept so that costs can be predicted for any keep-plan."""
 
-    graph_module: fx.GraphModule
+    graph: fx.Graph
     groups: list[ChannelGroup]
     layer_info: dict[str, dict]  # conv/linear name -> {"macs_per_io": ..., "in": ..., "out": ..., ...}
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
+def trace(model: nn.Module) -> fx.Graph:
+    """The fx graph of `model`. Not wrapped in a GraphModule: its code generation costs as much as the trace, and
+    the analysis only reads the graph."""
     try:
-        return fx.GraphModule(model, _Tracer().trace(model))
+        return _Tracer().trace(model)
     except Exception as exc:  # fx raises many kinds of errors on data-dependent control flow
         raise UnsupportedGraph(f"torch.fx cannot trace {type(model).__name__}: {exc}") from exc
 
 
+@torch.no_grad()
+def annotate_shapes(model: nn.Module, graph: fx.Graph, example_input: Tensor) -> None:
+    """Run `graph` on `example_input` with `model`'s own modules (eval mode); each tensor node gets
+    `node.meta["shape"]`. The same as fx's ShapeProp, without the GraphModule it needs."""
+    modules = dict(model.named_modules())
+    values: dict[fx.Node, object] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for node in graph.nodes:
+            args = fx.node.map_arg(node.args, values.__getitem__)
+            kwargs = fx.node.map_arg(node.kwargs, values.__getitem__)
+            if node.op == "placeholder":
+                value = example_input
+            elif node.op == "get_attr":
+                value = operator.attrgetter(node.target)(model)  # dotted paths, like fx
+            elif node.op == "call_module":
+                value = modules[node.target](*args, **kwargs)
+            elif node.op == "call_function":
+                value = node.target(*args, **kwargs)
+            elif node.op == "call_method":
+                value = getattr(args[0], node.target)(*args[1:], **kwargs)
+            else:  # output
+                break
+            values[node] = value
+            if isinstance(value, Tensor):
+                node.meta["shape"] = tuple(value.shape)
+    finally:
+        model.train(was_training)
+
+
 def analyse(model: nn.Module, example_input: Tensor) -> TracedModel:
     """Trace `model` on `example_input` (1, C, H, W) and derive its channel groups and per-layer cost terms."""
-    gm = trace(model)
-    was_training = model.training
-    gm.eval()
-    with torch.no_grad():
-        ShapeProp(gm).propagate(example_input)
-    model.train(was_training)
-    modules = dict(gm.named_modules())
+    graph = trace(model)
+    annotate_shapes(model, graph, example_input)
+    modules = dict(model.named_modules())
     uf = _UnionFind()
     layouts: dict[fx.Node, list[Segment] | None] = {}
     members: dict[int, list[Member]] = {}
@@ -109,10 +137,6 @@ def analyse(model: nn.Module, example_input: Tensor) -> TracedModel:
     residual: set[int] = set()
     layer_info: dict[str, dict] = {}
     space_len: list[int] = []
-
-    def shape(node: fx.Node) -> tuple[int, ...] | None:
-        meta = node.meta.get("tensor_meta")
-        return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
     def new_space(length: int, producer: str | None) -> list[Segment]:
         s = uf.new()
@@ -142,8 +166,8 @@ def analyse(model: nn.Module, example_input: Tensor) -> TracedModel:
     def tensor_args(node: fx.Node) -> list[fx.Node]:
         return [a for a in node.all_input_nodes if layouts.get(a) is not None]
 
-    for node in gm.graph.nodes:
-        shp = shape(node)
+    for node in graph.nodes:
+        shp = node.meta.get("shape")
         if node.op == "placeholder":
             layouts[node] = new_space(shp[1], None) if shp and len(shp) >= 2 else None
             continue
@@ -173,7 +197,7 @@ def analyse(model: nn.Module, example_input: Tensor) -> TracedModel:
         size = space_len[root]
         prunable = bool(producers) and not any(s in blocked for s in spaces)
         groups.append(ChannelGroup(gid, size, tuple(mem), prunable, any(s in residual for s in spaces)))
-    return TracedModel(gm, groups, layer_info)
+    return TracedModel(graph, groups, layer_info)
 
 
 def _layout(node, shp, ins, layouts, modules, new_space, add_members, unite, blocked, layer_info):
@@ -246,7 +270,7 @@ def _layout(node, shp, ins, layouts, modules, new_space, add_members, unite, blo
 
 
 def _flatten(node: fx.Node, src: fx.Node, shp, layout):
-    src_shape = tuple(src.meta["tensor_meta"].shape)
+    src_shape = src.meta["shape"]
     if len(shp) != 2 or shp[0] != src_shape[0]:
         if shp == src_shape:
             return layout

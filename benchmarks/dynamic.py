@@ -39,7 +39,9 @@ def inputs_for(args) -> tuple[torch.nn.Module, torch.Tensor, str, object]:
     if args.model:
         base = load_model(args.model)
         info = base.prune_cli_info
-        splits = pipeline.load_splits(info["dataset"], None, model_name=base.prune_cli_arch["factory"], seed=0)
+        splits = pipeline.load_splits(
+            info["dataset"], None, model_name=base.prune_cli_arch["factory"], normalisation=info.get("normalisation")
+        )
         x = D.to_float(splits.test.x[: args.images], splits)
         return base, x, f"{args.model} ({info['dataset']} test images)", splits
     torch.manual_seed(0)

@@ -88,11 +88,16 @@ class Splits:
     dataset: str
 
 
-def make_splits(ds: Dataset, val_size: int | None = None, calib_size: int | None = None, seed: int = 0) -> Splits:
+def make_splits(
+    ds: Dataset, val_size: int | None = None, calib_size: int | None = None, seed: int = 0,
+    normalisation: dict[str, list[float]] | None = None,
+) -> Splits:  # fmt: skip
     """Hold out disjoint `val` and `calib` sets from `ds.train` with a fixed seed; `test` is `ds.test`.
 
     Defaults: val = min(5000, 10% of train), calib = min(2048, 10% of train). The order of each split is
     random (so the first n calib images are a random sample, whatever the file order was).
+    `normalisation` ({"mean": [...], "std": [...]}, as a model file records it): the statistics the model was
+    trained with; without it they are computed on this seed's train split.
     """
     n = len(ds.train)
     val_n = min(5000, n // 10) if val_size is None else val_size
@@ -108,7 +113,14 @@ def make_splits(ds: Dataset, val_size: int | None = None, calib_size: int | None
     val = ds.train.subset(perm[:val_n])
     calib = ds.train.subset(perm[val_n : val_n + calib_n])
     train = ds.train.subset(perm[val_n + calib_n :])
-    mean, std = channel_stats(train.x)
+    if normalisation is None:
+        mean, std = channel_stats(train.x)
+    else:
+        mean, std = tuple(map(float, normalisation["mean"])), tuple(map(float, normalisation["std"]))
+        if len(mean) != ds.train.x.shape[1] or len(std) != len(mean):
+            raise BadValue(
+                f"the model's normalisation has {len(mean)} channels but {ds.name} images have {ds.train.x.shape[1]}"
+            )
     h, w = ds.image_size
     pad = max(1, round(min(h, w) / 8))  # 4 at 32x32 and 28x28, as in the usual CIFAR recipe
     return Splits(train, val, calib, ds.test, mean, std, ds.num_classes, ds.flip, pad, ds.name)

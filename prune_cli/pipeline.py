@@ -46,10 +46,16 @@ def input_channels_for(model_name: str) -> int | None:
 
 def load_splits(
     dataset: str, data_dir: str | Path | None = None, *, model_name: str = "", seed: int = 0,
-    val_size: int | None = None, calib_size: int | None = None,
+    val_size: int | None = None, calib_size: int | None = None, normalisation: dict | None = None,
 ) -> D.Splits:  # fmt: skip
+    """The dataset's splits for `seed`; `normalisation` is a model file's recorded statistics (see make_splits)."""
     ds = D.load_dataset(dataset, data_dir, channels=input_channels_for(model_name))
-    return D.make_splits(ds, val_size=val_size, calib_size=calib_size, seed=seed)
+    return D.make_splits(ds, val_size=val_size, calib_size=calib_size, seed=seed, normalisation=normalisation)
+
+
+def normalisation(splits: D.Splits) -> dict[str, list[float]]:
+    """The input statistics to record in a model file: what a user must normalise its inputs with."""
+    return {"mean": list(splits.mean), "std": list(splits.std)}
 
 
 def load_model_and_data(
@@ -65,7 +71,11 @@ def load_model_and_data(
     if dataset is None:
         raise BadValue(f"{model_file} does not record its dataset: pass --dataset")
     data_dir = data_dir or (Path(info["data_dir"]) if info.get("data_dir") else None)
-    return model, dataset, load_splits(dataset, data_dir, model_name=model.prune_cli_arch["factory"], seed=seed)
+    splits = load_splits(
+        dataset, data_dir, model_name=model.prune_cli_arch["factory"], seed=seed,
+        normalisation=info.get("normalisation") if dataset == info.get("dataset") else None,
+    )  # fmt: skip
+    return model, dataset, splits
 
 
 def new_model(name: str, splits: D.Splits, weights: Path | None = None) -> nn.Module:
@@ -112,7 +122,7 @@ def train_and_save(
     save_model(
         net.cpu(), out, kind="trained", dataset=dataset, input_shape=list(splits.train.x.shape[1:]),
         data_dir=str(data_dir) if data_dir else None, seed=cfg.seed, train=engine.config_dict(cfg),
-        history=result.history, metrics=summary, machine=machine(),
+        history=result.history, metrics=summary, machine=machine(), normalisation=normalisation(splits),
     )  # fmt: skip
     checkpoint.unlink(missing_ok=True)
     return summary

@@ -86,6 +86,7 @@ class Outcome:
     history: list[dict]
     widths: dict[str, int]
     input_shape: list[int]
+    normalisation: dict[str, list[float]]
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -208,6 +209,7 @@ def run(
         criterion_options=asdict(criterion.options), before=before, after=after, target_report=target_report,
         timings={"score_s": score_s, "surgery_s": surgery_s, "finetune_s": finetune_s}, history=history,
         widths=_widths(pruned), input_shape=list(splits.train.x.shape[1:]),
+        normalisation=pipeline.normalisation(splits),
     )  # fmt: skip
 
 
@@ -218,7 +220,7 @@ def save(outcome: Outcome, path: Path) -> Path:
         outcome.model.cpu(), path, kind="pruned", dataset=outcome.dataset, input_shape=outcome.input_shape,
         criterion=s["criterion"], options=s["options"], target=s["target_report"], seed=outcome.job.seed,
         metrics=s["after"], base=s["before"], base_file=outcome.base_file, history=outcome.history,
-        machine=pipeline.machine(),
+        machine=pipeline.machine(), normalisation=outcome.normalisation,
     )  # fmt: skip
 
 

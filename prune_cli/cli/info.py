@@ -40,6 +40,7 @@ def info(
         "kwargs": arch.get("kwargs", {}),
         "kind": meta.get("kind", "?"),
         "dataset": meta.get("dataset"),
+        "input_normalisation": meta.get("normalisation"),  # (x / 255 - mean) / std per channel
         "params": metrics.count_params(model),
         "macs": macs,
         "dynamic": (arch.get("dynamic") or {}).get("criterion"),

@@ -105,6 +105,7 @@ def build(
         data_dir=str(data_dir) if data_dir else None,
         seed=seed,
         machine=pipeline.machine(),
+        normalisation=pipeline.normalisation(splits),
     )
     m = built.manifest
     row = {
@@ -188,7 +189,8 @@ def evaluate(
         raise BadValue(f"{folder} does not record its dataset: pass --dataset")
     data_dir = data_dir or (Path(info["data_dir"]) if info.get("data_dir") else None)
     splits = pipeline.load_splits(
-        dataset, data_dir, model_name=built.base.prune_cli_arch["factory"], seed=info.get("seed", seed)
+        dataset, data_dir, model_name=built.base.prune_cli_arch["factory"], seed=info.get("seed", seed),
+        normalisation=info.get("normalisation") if dataset == info.get("dataset") else None,
     )
     data = getattr(splits, split)
     result = sinf_report.evaluate(built, data, splits, device=dev)

@@ -42,6 +42,21 @@ def test_eval_json(trained):
     assert row["macs"] > 0 and row["params"] > 0 and row["latency_b4_ms"] > 0 and row["file_bytes"] > 1000
 
 
+def test_the_model_file_records_its_input_normalisation(trained):
+    from prune_cli import data as D
+    from prune_cli import pipeline
+    from prune_cli.modelfile import load_model
+
+    out, _ = trained
+    recorded = load_model(out).prune_cli_info["normalisation"]
+    assert recorded == pipeline.normalisation(pipeline.load_splits("digits", model_name="vgg11", seed=0))
+    # another seed holds out other images, so its own statistics differ; the model's are used
+    _, _, splits = pipeline.load_model_and_data(out, None, None, seed=3)
+    own = D.make_splits(D.load_dataset("digits"), seed=3)
+    assert own.mean != tuple(recorded["mean"])
+    assert pipeline.normalisation(splits) == recorded
+
+
 def test_eval_table_and_info(trained):
     out, _ = trained
     assert "top1" in run("eval", out, "--latency-batches", "1").stdout

@@ -22,7 +22,8 @@ one-epoch run prunes nothing but the channels whose saliency is exactly 0.
 the network never trains at its final sparsity; over the paper's 400 epochs that last step is tiny, over a short
 fine-tuning budget it is large (Fashion-MNIST ResNet-20, 3 epochs: 90.6% validation top-1 before the last
 update, 52.4% test top-1 after it). `schedule=ahead` sets after epoch e the thresholds of r(e+1), so the last
-epoch trains at rate t (our option for short budgets).
+epoch trains at rate t, and keeps after the last epoch the thresholds it trained with (our option for short
+budgets: a re-estimate there would again give the network masks it never trained with).
 
 t (`remain`): the target remain rate; by default derived from --target-macs by a static estimate (each gated
 conv costs t^2 of its MACs when its input is gated too, t otherwise). The realised per-input MACs differ
@@ -305,8 +306,9 @@ class ManiDPHooks(TrainHooks):
         record: dict[str, Any] = {"epoch": epoch, "complexity": self.complexity}
         if epoch >= 1 and self.saliency_sums is not None:
             rate = remain_rate(min(epoch + self.ahead, epochs - 1), epochs, self.remain)
-            for conv, total in zip(gated_layers(model), self.saliency_sums, strict=True):
-                conv.gate.threshold.fill_(threshold_for(total / self.seen, rate))
+            if not (self.ahead and epoch == epochs - 1):
+                for conv, total in zip(gated_layers(model), self.saliency_sums, strict=True):
+                    conv.gate.threshold.fill_(threshold_for(total / self.seen, rate))
             record["rate"] = rate
         self.history.append(record)
         self._reset()

@@ -292,7 +292,8 @@ def test_safetensors_round_trip_rebuilds_identical_model(tmp_path):
 
 
 def test_ahead_schedule_reaches_the_target_before_the_last_epoch(tiny_resnet):
-    """schedule=ahead: after epoch e the thresholds of r(e+1), so the last epoch already trains at rate t."""
+    """schedule=ahead: after epoch e the thresholds of r(e+1), so the last epoch already trains at rate t; the
+    thresholds it trained with are kept after it."""
     model = gated(tiny_resnet)
     hooks = ManiDPHooks(remain=0.5, lam=5e-3, eta=1.0, gamma=1.0, thre_cls=0.5, complexity=1.0, ahead=True)
     epochs = 3
@@ -300,6 +301,9 @@ def test_ahead_schedule_reaches_the_target_before_the_last_epoch(tiny_resnet):
     for epoch in range(epochs):
         sums = [torch.rand(c.out_channels, generator=g) * 8 for c in gated_layers(model)]
         hooks.saliency_sums, hooks.seen, hooks.ce_sum = sums, 8, 8.0
+        trained_with = [c.gate.threshold.clone() for c in gated_layers(model)]
         hooks.on_epoch_end(model, epoch, epochs, {})
     rates = [h.get("rate") for h in hooks.history]
     assert rates[0] is None and rates[1:] == pytest.approx([0.5, 0.5])  # official: [r(1) = 0.625, 0.5]
+    assert all(torch.equal(c.gate.threshold, t) for c, t in zip(gated_layers(model), trained_with, strict=True))
+    assert not all(torch.equal(t, torch.full_like(t, THRESHOLD_INIT)) for t in trained_with)

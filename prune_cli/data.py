@@ -116,7 +116,10 @@ def make_splits(
     if normalisation is None:
         mean, std = channel_stats(train.x)
     else:
-        mean, std = tuple(map(float, normalisation["mean"])), tuple(map(float, normalisation["std"]))
+        try:
+            mean, std = tuple(map(float, normalisation["mean"])), tuple(map(float, normalisation["std"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadValue(f"the model's normalisation record is malformed: {normalisation!r}") from exc
         if len(mean) != ds.train.x.shape[1] or len(std) != len(mean):
             raise BadValue(
                 f"the model's normalisation has {len(mean)} channels but {ds.name} images have {ds.train.x.shape[1]}"

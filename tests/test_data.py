@@ -450,3 +450,13 @@ def test_split_validation():
         D.Split(torch.zeros(2, 1, 4, 4), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match=r"Split.y must be \(2,\)"):
         D.Split(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.zeros(3, dtype=torch.long))
+
+
+def test_splits_use_a_recorded_normalisation_and_refuse_a_malformed_one():
+    ds = D.load_dataset("digits")
+    recorded = {"mean": [0.25], "std": [0.5]}
+    splits = D.make_splits(ds, seed=1, normalisation=recorded)
+    assert (splits.mean, splits.std) == ((0.25,), (0.5,))
+    for bad in ({"mean": [0.25]}, {"mean": [0.2, 0.3], "std": [1.0, 1.0]}, {"mean": ["x"], "std": [1.0]}):
+        with pytest.raises(BadValue):
+            D.make_splits(ds, seed=1, normalisation=bad)

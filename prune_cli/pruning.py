@@ -257,4 +257,9 @@ def _base_top1(model_file: str | Path, dataset: str, base: nn.Module, splits: D.
 
 
 def _widths(model: nn.Module) -> dict[str, int]:
-    return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    """Output width of every conv and linear layer (a hidden linear layer is prunable too)."""
+    return {
+        n: m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    }

@@ -191,7 +191,7 @@ def evaluate(
     splits = pipeline.load_splits(
         dataset, data_dir, model_name=built.base.prune_cli_arch["factory"], seed=info.get("seed", seed),
         normalisation=info.get("normalisation") if dataset == info.get("dataset") else None,
-    )
+    )  # fmt: skip
     data = getattr(splits, split)
     result = sinf_report.evaluate(built, data, splits, device=dev)
     result.update(sinf_report.latencies(built, data, splits, batches, device=dev))

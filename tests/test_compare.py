@@ -20,6 +20,10 @@ from prune_cli.cli import app
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
+# The grid fixture runs two worker processes with the CPU's threads divided between them. A cell re-run in this
+# process must use as many threads, or floating-point sums in a different order can flip a test image; and an
+# earlier CLI test in this process may have left torch at another thread count.
+WORKER_THREADS = str(max(1, (os.cpu_count() or 1) // 2))
 ACCURACY = ["target", "criterion", "seeds", "macs_removed", "params_removed", "top1_before_ft_mean", "top1_mean"]
 
 
@@ -97,7 +101,7 @@ def test_corrupt_record_is_reported_and_run_again(grid, tmp_path):
     shutil.copytree(out / "records", copy / "records")
     victim = sorted((copy / "records").glob("*.json"))[0]
     victim.write_text(victim.read_text()[:200])  # a record cut short
-    result = run("compare", exp, "--out", copy)
+    result = run("compare", exp, "--out", copy, "--threads", WORKER_THREADS)
     assert result.exit_code == 0, result.output
     assert "corrupt run record" in result.output and "1 cells run, 3 reused" in result.output
     assert json.loads(victim.read_text())["key"] == victim.stem
@@ -110,7 +114,7 @@ def test_interrupted_run_resumes_to_the_same_leaderboard(grid, base, tmp_path):
     _, out, _ = grid
     exp = experiment(tmp_path / "l1.yaml", base={"file": str(base)}, criteria=["l1"], out=str(tmp_path / "out"))
     records = tmp_path / "out" / "records"
-    cmd = [sys.executable, "-m", "prune_cli", "compare", str(exp), "--threads", "1", "-q"]
+    cmd = [sys.executable, "-m", "prune_cli", "compare", str(exp), "--threads", WORKER_THREADS, "-q"]
     child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not list(records.glob("*.json")) and child.poll() is None and time.time() < deadline:
@@ -118,7 +122,7 @@ def test_interrupted_run_resumes_to_the_same_leaderboard(grid, base, tmp_path):
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
     assert len(list(records.glob("*.json"))) >= 1 and not list(records.glob(".*.tmp"))
-    result = run("compare", exp, "--threads", "1")
+    result = run("compare", exp, "--threads", WORKER_THREADS)
     assert result.exit_code == 0, result.output
     resumed = pd.read_csv(tmp_path / "out" / "leaderboard.csv")[ACCURACY]
     full = pd.read_csv(out / "leaderboard.csv")[ACCURACY]

@@ -58,6 +58,11 @@ def normalisation(splits: D.Splits) -> dict[str, list[float]]:
     return {"mean": list(splits.mean), "std": list(splits.std)}
 
 
+def recorded_normalisation(info: dict, dataset: str) -> dict | None:
+    """A model file's recorded input statistics, if it was trained on `dataset` (None: compute them)."""
+    return info.get("normalisation") if dataset == info.get("dataset") else None
+
+
 def load_model_and_data(
     model_file: str | Path, dataset: str | None, data_dir: Path | None, *, seed: int = 0,
     device: torch.device | str = "cpu",
@@ -73,7 +78,7 @@ def load_model_and_data(
     data_dir = data_dir or (Path(info["data_dir"]) if info.get("data_dir") else None)
     splits = load_splits(
         dataset, data_dir, model_name=model.prune_cli_arch["factory"], seed=seed,
-        normalisation=info.get("normalisation") if dataset == info.get("dataset") else None,
+        normalisation=recorded_normalisation(info, dataset),
     )  # fmt: skip
     return model, dataset, splits
 

@@ -190,7 +190,7 @@ def evaluate(
     data_dir = data_dir or (Path(info["data_dir"]) if info.get("data_dir") else None)
     splits = pipeline.load_splits(
         dataset, data_dir, model_name=built.base.prune_cli_arch["factory"], seed=info.get("seed", seed),
-        normalisation=info.get("normalisation") if dataset == info.get("dataset") else None,
+        normalisation=pipeline.recorded_normalisation(info, dataset),
     )  # fmt: skip
     data = getattr(splits, split)
     result = sinf_report.evaluate(built, data, splits, device=dev)

@@ -40,8 +40,9 @@ def inputs_for(args) -> tuple[torch.nn.Module, torch.Tensor, str, object]:
         base = load_model(args.model)
         info = base.prune_cli_info
         splits = pipeline.load_splits(
-            info["dataset"], None, model_name=base.prune_cli_arch["factory"], normalisation=info.get("normalisation")
-        )
+            info["dataset"], None, model_name=base.prune_cli_arch["factory"],
+            normalisation=pipeline.recorded_normalisation(info, info["dataset"]),
+        )  # fmt: skip
         x = D.to_float(splits.test.x[: args.images], splits)
         return base, x, f"{args.model} ({info['dataset']} test images)", splits
     torch.manual_seed(0)

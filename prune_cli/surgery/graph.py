@@ -94,10 +94,9 @@ def trace(model: nn.Module) -> fx.Graph:
 
 
 @torch.no_grad()
-def annotate_shapes(model: nn.Module, graph: fx.Graph, example_input: Tensor) -> None:
-    """Run `graph` on `example_input` with `model`'s own modules (eval mode); each tensor node gets
-    `node.meta["shape"]`. The same as fx's ShapeProp, without the GraphModule it needs."""
-    modules = dict(model.named_modules())
+def annotate_shapes(model: nn.Module, graph: fx.Graph, example_input: Tensor, modules: dict[str, nn.Module]) -> None:
+    """Run `graph` on `example_input` with `model`'s own modules (`modules`: its named modules; eval mode); each
+    tensor node gets `node.meta["shape"]`. The same as fx's ShapeProp, without the GraphModule it needs."""
     values: dict[fx.Node, object] = {}
     was_training = model.training
     model.eval()
@@ -127,8 +126,8 @@ def annotate_shapes(model: nn.Module, graph: fx.Graph, example_input: Tensor) ->
 def analyse(model: nn.Module, example_input: Tensor) -> TracedModel:
     """Trace `model` on `example_input` (1, C, H, W) and derive its channel groups and per-layer cost terms."""
     graph = trace(model)
-    annotate_shapes(model, graph, example_input)
     modules = dict(model.named_modules())
+    annotate_shapes(model, graph, example_input, modules)
     uf = _UnionFind()
     layouts: dict[fx.Node, list[Segment] | None] = {}
     members: dict[int, list[Member]] = {}

@@ -1,18 +1,25 @@
 """Dynamic-method benchmarks (issue 7). Prints figures; not a test.
 
-1. `latency` (default): HASTE and ManiDP at batch 1 on resnet20: measured latency gain divided by the per-input MAC
-   gain (goal >= 0.5), and each method's own overhead as a share of its MACs.
-   - Model: `--model FILE` (a trained prune-cli model file; inputs are its test images) or a random-init model of
+1. `latency` (default): HASTE and ManiDP at batch 1 on resnet20 and resnet56: measured latency gain divided by the
+   per-input MAC gain (goal >= 0.5), and each method's own overhead as a share of its MACs.
+   - Model: `--model FILE` (a trained prune-cli model file; inputs are its test images) or random-init models of
      `--arch` on 3x32x32 with smooth-noise inputs (HASTE's data-free search inputs). Random init is fine for
      timing: HASTE's cost depends on the activations' redundancy, not on accuracy.
    - HASTE: L found by its own search for `--target` (MACs reduction), reduced per-tile path at batch 1.
-   - ManiDP: untrained gates (official Kaiming init, seed 0) whose thresholds are set as the schedule's last step
-     sets them: per layer the k-th largest mean saliency over the inputs, k = ceil(t C_l), t = `--remain`.
-   Dense and dynamic forwards are timed alternately on the same inputs (cycled), median over all passes.
-2. `haste-accuracy --model FILE`: HASTE at several MACs targets on the model's full test set: top-1, per-input MACs
+   - ManiDP: `--manidp FILE` (a model file written by `prune --criterion manidp`, trained from `--model`), or
+     untrained gates (official Kaiming init, seed 0) whose thresholds are set as the schedule's last step sets
+     them: per layer the k-th largest mean saliency over the inputs, k = ceil(t C_l), t = `--remain`.
+   - Two dense baselines: the model as it is, and the same with BatchNorm folded into the convs
+     (torch.fx.experimental.optimization.fuse), since ManiDP's compact batch-1 path folds BatchNorm too.
+   All models are timed alternately round by round on the same inputs (cycled), median over all passes.
+2. `conv-scaling`: why per-input channel skipping gains little latency at CIFAR widths on a CPU. Batch-1 time of
+   one 3x3 conv at ResNet-20's stage widths (16 at 32x32, 32 at 16x16, 64 at 8x8) when only the output channels
+   shrink (a gated block's conv1, whose input is the full block input) and when both shrink (its conv2).
+3. `haste-accuracy --model FILE`: HASTE at several MACs targets on the model's full test set: top-1, per-input MACs
    (mean, std), overhead; `--out` writes the JSON.
 
-Usage: python benchmarks/dynamic.py [latency|haste-accuracy] [--threads 2] [--model FILE] [--arch resnet20]
+Usage: python benchmarks/dynamic.py [latency|conv-scaling|haste-accuracy] [--threads 2] [--model FILE [--manidp FILE]]
+       [--arch resnet20 resnet56]
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.fx.experimental.optimization import fuse
 
 import models
 from criteria import haste, manidp
@@ -35,7 +43,7 @@ from prune_cli.dynamic import forward_with_macs, per_input_macs
 from prune_cli.modelfile import load_model
 
 
-def inputs_for(args) -> tuple[torch.nn.Module, torch.Tensor, str, object]:
+def inputs_for(args, arch: str | None = None) -> tuple[torch.nn.Module, torch.Tensor, str, object]:
     if args.model:
         base = load_model(args.model)
         info = base.prune_cli_info
@@ -46,9 +54,9 @@ def inputs_for(args) -> tuple[torch.nn.Module, torch.Tensor, str, object]:
         x = D.to_float(splits.test.x[: args.images], splits)
         return base, x, f"{args.model} ({info['dataset']} test images)", splits
     torch.manual_seed(0)
-    base = models.create_model(args.arch).eval()
+    base = models.create_model(arch).eval()
     x = haste.search_images(args.images, (3, 32, 32), "smooth-noise", torch.Generator().manual_seed(1))
-    return base, x, f"random-init {args.arch}, 3x32x32 smooth noise", None
+    return base, x, f"random-init {arch}, 3x32x32 smooth noise", None
 
 
 @torch.no_grad()
@@ -82,36 +90,78 @@ def manidp_model(base: torch.nn.Module, x: torch.Tensor, remain: float) -> torch
 
 
 def latency(args) -> None:
-    base, x, source, _ = inputs_for(args)
+    report = []
+    for arch in [None] if args.model else args.arch:
+        report.append(latency_one(args, arch))
+        print()
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+
+
+def latency_one(args, arch: str | None) -> dict:
+    base, x, source, _ = inputs_for(args, arch)
     dense_macs = float(per_input_macs(base, x[:1])[0][0])
     ctx = Context(base, (), (), x[:1], 10, Target("macs", args.target))
     hashed = haste.Haste().run(ctx)
-    gated = manidp_model(base, x, args.remain)
-    ms = timed({"dense": base, "haste": hashed.model, "manidp": gated}, x, args.rounds, args.per_round)
+    if args.manidp:
+        gated, gated_label = load_model(args.manidp).eval(), f"ManiDP ({args.manidp})"
+    else:
+        gated, gated_label = manidp_model(base, x, args.remain), f"ManiDP (t={args.remain}, untrained gates)"
+    folded = fuse(copy.deepcopy(base))
+    ms = timed({"dense": base, "dense_folded": folded, "haste": hashed.model, "manidp": gated}, x, args.rounds,
+               args.per_round)  # fmt: skip
     print(f"inputs: {source}; {torch.get_num_threads()} threads; {len(x)} inputs; batch 1")
-    print(f"dense: {dense_macs / 1e6:.2f} MMACs, {ms['dense']:.3f} ms")
+    print(f"dense: {dense_macs / 1e6:.2f} MMACs, {ms['dense']:.3f} ms; BatchNorm folded {ms['dense_folded']:.3f} ms")
     labels = {"haste": f"HASTE (L={hashed.extra['hyperplanes']}, search target -{args.target:.0%})",
-              "manidp": f"ManiDP (t={args.remain}, untrained gates)"}  # fmt: skip
+              "manidp": gated_label}  # fmt: skip
     rows = []
     for name, model in (("haste", hashed.model), ("manidp", gated)):
         total, overhead = per_input_macs(model, x)
         mac_gain = 1 - float(total.mean()) / dense_macs
         lat_gain = 1 - ms[name] / ms["dense"]
+        folded_gain = 1 - ms[name] / ms["dense_folded"]
         rows.append({
             "method": name, "label": labels[name], "macs_mean": float(total.mean()), "macs_std": float(total.std()),
             "mac_gain": mac_gain, "overhead_share": float(overhead.mean() / total.mean()), "latency_ms": ms[name],
             "latency_gain": lat_gain, "ratio": lat_gain / mac_gain if mac_gain else float("nan"),
+            "ratio_vs_folded": folded_gain / mac_gain if mac_gain else float("nan"),
         })  # fmt: skip
         r = rows[-1]
         print(
             f"{labels[name]}: {r['macs_mean'] / 1e6:.2f} +- {r['macs_std'] / 1e6:.2f} MMACs/input "
             f"(gain {mac_gain:+.1%}, overhead {r['overhead_share']:.1%} of MACs); {ms[name]:.3f} ms "
-            f"(gain {lat_gain:+.1%}); latency gain / MAC gain = {r['ratio']:+.2f} (goal >= 0.5)"
+            f"(gain {lat_gain:+.1%}); latency gain / MAC gain = {r['ratio']:+.2f} (goal >= 0.5), "
+            f"{r['ratio_vs_folded']:+.2f} against the folded dense model"
         )
-    if args.out:
-        Path(args.out).write_text(json.dumps({"source": source, "threads": torch.get_num_threads(),
-                                              "dense_macs": dense_macs, "dense_ms": ms["dense"], "rows": rows},
-                                             indent=2))  # fmt: skip
+    return {"source": source, "threads": torch.get_num_threads(), "dense_macs": dense_macs, "dense_ms": ms["dense"],
+            "dense_folded_ms": ms["dense_folded"], "rows": rows}  # fmt: skip
+
+
+@torch.no_grad()
+def conv_scaling(args) -> None:
+    print(f"batch-1 3x3 conv time, {torch.get_num_threads()} threads, best of 3 rounds; as a share of the full conv")
+    print("width  size  kept   MACs (out only)  time (out only)   MACs (in and out)  time (in and out)")
+    for width, size in ((16, 32), (32, 16), (64, 8)):
+        x = torch.randn(1, width, size, size)
+        full = _conv_ms(x, torch.randn(width, width, 3, 3))
+        for kept in (1.0, 0.75, 0.6, 0.5):
+            k = max(1, round(kept * width))
+            out_only = _conv_ms(x, torch.randn(k, width, 3, 3))
+            both = _conv_ms(x[:, :k].contiguous(), torch.randn(k, k, 3, 3))
+            print(f"{width:5d} {size:5d} {kept:5.2f} {k / width:16.2f} {out_only / full:16.2f} "
+                  f"{(k / width) ** 2:18.2f} {both / full:18.2f}")  # fmt: skip
+
+
+def _conv_ms(x: torch.Tensor, w: torch.Tensor, n: int = 300) -> float:
+    for _ in range(30):
+        torch.conv2d(x, w, None, 1, 1)
+    rounds = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            torch.conv2d(x, w, None, 1, 1)
+        rounds.append((time.perf_counter() - t0) / n * 1e3)
+    return min(rounds)
 
 
 @torch.no_grad()
@@ -152,10 +202,11 @@ def haste_accuracy(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("task", nargs="?", default="latency", choices=["latency", "haste-accuracy"])
+    parser.add_argument("task", nargs="?", default="latency", choices=["latency", "conv-scaling", "haste-accuracy"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", default=None, help="a trained prune-cli model file")
-    parser.add_argument("--arch", default="resnet20", help="random-init architecture when no --model")
+    parser.add_argument("--arch", nargs="+", default=["resnet20", "resnet56"], help="random-init models (no --model)")
+    parser.add_argument("--manidp", default=None, help="a trained ManiDP model file (from --model's base)")
     parser.add_argument("--images", type=int, default=64, help="inputs for MACs and timing (latency task)")
     parser.add_argument("--target", type=float, default=0.4, help="HASTE search target (MACs reduction)")
     parser.add_argument("--targets", type=float, nargs="+", default=[0.1, 0.15, 0.2, 0.3, 0.467])
@@ -165,7 +216,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the figures as JSON")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    latency(args) if args.task == "latency" else haste_accuracy(args)
+    {"latency": latency, "conv-scaling": conv_scaling, "haste-accuracy": haste_accuracy}[args.task](args)
 
 
 if __name__ == "__main__":

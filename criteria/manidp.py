@@ -30,7 +30,12 @@ conv costs t^2 of its MACs when its input is gated too, t otherwise). The realis
 (saliency decides per instance); `prune` reports them on the test set.
 
 Inference: batch 1 in eval mode really skips masked channels (the conv runs on the kept input channels and
-computes only the kept output channels); larger batches run dense and mask. Per-input MACs count the executed
+computes only the kept output channels); larger batches run dense and mask. In a ResNet basic block without
+autograd, batch 1 runs compact end to end (`GatedBasicBlock`): BatchNorm folded into the convs, the kept
+channels' scales folded into the ReLU output, conv2's gate pooled over conv1's kept channels only, and conv2's kept
+outputs added into the shortcut by index, so no full-width zero tensor, BatchNorm or mask product is computed.
+On small CIFAR widths a batch-1 CPU conv costs about the same for 8 and 16 channels, so that overhead, not the
+MACs, decided latency; see benchmarks/dynamic.py. Per-input MACs count the executed
 conv MACs plus the overhead: the gate's pooling (C_in H W additions), its two FC layers and the scaling of the
 kept channels (one multiplication per kept output value).
 
@@ -117,7 +122,8 @@ class GatedConv2d(DynamicModule, nn.Conv2d):
             new.bias = conv.bias
         new.gate = SaliencyGate(conv.in_channels, conv.out_channels, hidden, clamp_max).to(conv.weight.device)
         new._prev = (prev,) if prev is not None else ()  # a tuple: not a submodule, not in the state dict
-        new.last_saliency = new.last_mask = new.last_kept = new.last_feature = None
+        new.last_saliency = new.last_kept = new.last_feature = None
+        new.last_mask = None
         new.relu_feature = False
         return new
 
@@ -150,6 +156,27 @@ class GatedConv2d(DynamicModule, nn.Conv2d):
         shape = (x.shape[1], x.shape[2] * x.shape[3], y.shape[2] * y.shape[3])
         self.record_lazy(lambda: self._costs(mask.detach(), in_mask, *shape))
         return y
+
+    @property
+    def last_mask(self) -> Tensor | None:
+        """(N, C_out) the last forward's mask: pi where kept, else 0."""
+        mask = self.__dict__.get("_last_mask")
+        if callable(mask):
+            mask = self.__dict__["_last_mask"] = mask()
+        return mask
+
+    @last_mask.setter
+    def last_mask(self, mask: Tensor | None) -> None:
+        self.__dict__["_last_mask"] = mask
+
+    def note_compact(self, pi: Tensor, kept: Tensor, prev: GatedConv2d | None, hw_in: int, hw_out: int) -> None:
+        """Record what a compact batch-1 pass (GatedBasicBlock) computed for this conv: saliency `pi` (1, C_out) and
+        the `kept` output channels. The mask and the MACs are built only when read, so that the accounting stays
+        out of measured latency."""
+        self.last_saliency, self.last_kept = pi, kept
+        self.last_mask = lambda: torch.zeros_like(pi).index_copy_(1, kept, pi.index_select(1, kept))
+        c_in = self.in_channels
+        self.record_lazy(lambda: self._costs(self.last_mask, prev.last_mask if prev else None, c_in, hw_in, hw_out))
 
     def _costs(self, mask: Tensor, in_mask: Tensor | None, c_in: int, hw_in: int, hw_out: int):
         kept_out = (mask > 0).sum(1).cpu().to(torch.float64)
@@ -184,6 +211,79 @@ class GatedConv2d(DynamicModule, nn.Conv2d):
         return y
 
 
+def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """conv -> eval BatchNorm as one conv: weight (C_out, C_in, kh, kw) and bias (C_out,), detached."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    return (conv.weight * scale.view(-1, 1, 1, 1)).detach(), bias.detach()
+
+
+def _kept(pi: Tensor, threshold: float) -> Tensor:
+    """Indices of the channels a (C,) saliency keeps: pi >= threshold and pi > 0 (a zero scale keeps nothing)."""
+    return torch.nonzero(pi > 0 if threshold <= 0 else pi >= threshold).squeeze(1)
+
+
+class GatedBasicBlock(BasicBlock):
+    """A BasicBlock whose two convs are GatedConv2d. Batch-1 inference without autograd runs compact: only kept
+    channels are computed and carried from conv1 to conv2 (module docstring); everything else runs the
+    BasicBlock's forward (gates and masks applied by the gated convs and their BatchNorm hooks).
+
+    The folded weights are cached and rebuilt when any tensor they come from changes (training, load_state_dict).
+    The gated convs still record saliency, mask and per-input MACs, as on the other paths."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or x.shape[0] != 1 or self.training or torch.is_grad_enabled():
+            return super().forward(x)
+        return self._compact(x)
+
+    def _sources(self) -> list[Tensor | None]:
+        convs, norms = (self.conv1, self.conv2), (self.bn1, self.bn2)
+        return [t for c in convs for t in (c.weight, c.bias, c.gate.threshold)] + [
+            t for bn in norms for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        ]
+
+    def _folded(self) -> tuple[Tensor, Tensor, Tensor, Tensor, float, float]:
+        key = tuple((t.data_ptr(), t._version) if t is not None else None for t in self._sources())
+        cache = self.__dict__.get("_fold_cache")
+        if cache is None or cache[0] != key:
+            w1, b1 = _fold(self.conv1, self.bn1)
+            w2, b2 = _fold(self.conv2, self.bn2)
+            thresholds = float(self.conv1.gate.threshold), float(self.conv2.gate.threshold)
+            cache = self.__dict__["_fold_cache"] = (key, (w1, b1, w2, b2, *thresholds))
+        return cache[1]
+
+    def _compact(self, x: Tensor) -> Tensor:
+        """x (1, C_in, H, W) -> (1, C_out, H', W'), computing only the kept channels of both convs."""
+        conv1, conv2 = self.conv1, self.conv2
+        w1, b1, w2, b2, th1, th2 = self._folded()
+        shortcut = self.shortcut(x)
+        pi1 = conv1.gate(x)  # (1, C_mid)
+        k1 = _kept(pi1[0], th1)
+        if len(k1):  # relu(a) * s == relu(a * s) for s > 0: scale after the ReLU, as the masked BN output would be
+            y = conv1._conv_forward(x, w1.index_select(0, k1), b1.index_select(0, k1))
+            y = y.relu_().mul_(pi1[0].index_select(0, k1).view(-1, 1, 1))
+            pooled = y.mean((2, 3))  # (1, k1): conv2's gate pools only the kept channels; the others are zero
+        else:
+            y, pooled = None, x.new_zeros(1, 0)
+        gate = conv2.gate
+        h = torch.mm(pooled, gate.w1.index_select(0, k1)).relu_()
+        pi2 = torch.addmm(gate.b2, h, gate.w2).clamp_(0.0, gate.clamp_max)  # (1, C_out)
+        k2 = _kept(pi2[0], th2)
+        hw_in, hw_out = x.shape[2] * x.shape[3], shortcut.shape[2] * shortcut.shape[3]
+        conv1.note_compact(pi1, k1, None, hw_in, hw_out)
+        conv2.note_compact(pi2, k2, conv1, hw_out, hw_out)
+        if not len(k2):
+            return shortcut.relu()
+        if y is not None:
+            z = conv2._conv_forward(y, w2.index_select(0, k2).index_select(1, k1), b2.index_select(0, k2))
+        else:  # conv1 kept nothing: conv2 sees zeros, and its output is its (folded) BatchNorm shift
+            z = b2.index_select(0, k2).view(1, -1, 1, 1).expand(1, len(k2), *shortcut.shape[2:])
+        z = z.mul(pi2[0].index_select(0, k2).view(-1, 1, 1))
+        return shortcut.index_add(1, k2, z).relu_()
+
+
 # ----------------------------------------------------------------------------------------------- wrapping
 def hidden_width(c_out: int, squeeze_rate: int) -> int:
     return c_out if c_out < 80 else max(1, c_out // squeeze_rate)
@@ -215,6 +315,8 @@ def _gate_sites(model: nn.Module) -> list[tuple[nn.Module, str, str, str | None,
     if not blocks or any(isinstance(m, Bottleneck) for m in model.modules()):
         raise BadValue("ManiDP supports prune-cli's basic-block ResNets (resnet20/32/56/110/18/34) and VGGs")
     for b in blocks:
+        if type(b) is BasicBlock:
+            b.__class__ = GatedBasicBlock  # same attributes and state dict; a compact batch-1 forward
         sites.append((b, "conv1", "bn1", None, True))
         sites.append((b, "conv2", "bn2", "conv1", False))
     return sites
@@ -325,12 +427,12 @@ def estimate_remain(base: nn.Module, gated: nn.Module, example_input: Tensor, ke
     costs: dict[int, float] = {}
 
     def hook(m, _args, out):
-        costs[id(m)] = float(out[0].numel() * m.in_channels * m.kernel_size[0] * m.kernel_size[1])
+        costs[id(m)] = float(out[0].numel() * m.in_channels * m.kernel_size[0] * m.kernel_size[1])  # per sample
 
     handles = [c.register_forward_hook(hook) for c in layers]
     try:
         with torch.no_grad():
-            gated(example_input[:1])
+            gated(example_input[:1].repeat(2, 1, 1, 1))  # batch 2: at batch 1 ResNet blocks skip the convs' forward
     finally:
         for h in handles:
             h.remove()

@@ -61,7 +61,11 @@ def test_gates_with_every_saliency_kept_reproduce_the_base_model(fixture, reques
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(model(x), base(x))
-        assert torch.equal(model(x[:1]), base(x[:1]))  # the skipping path, nothing to skip
+        single = model(x[:1])  # the batch-1 path, nothing to skip
+        if fixture == "tiny_vgg":
+            assert torch.equal(single, base(x[:1]))
+        else:  # ResNet blocks run compact at batch 1, with BatchNorm folded into the convs: equal up to rounding
+            torch.testing.assert_close(single, base(x[:1]), rtol=1e-5, atol=1e-5)
     total, overhead = per_input_macs(model, x)
     assert torch.equal(total - overhead, torch.full((4,), float(count_macs(base, x[:1])), dtype=torch.float64))
     assert torch.all(overhead > 0)
@@ -122,7 +126,9 @@ def test_per_input_macs_by_hand(tiny_resnet):
 
 
 def _spatial_sizes(model, x):
-    """{conv: (input pixels, output pixels)} for every conv of `model`."""
+    """{conv: (input pixels, output pixels)} for every conv of `model`. Runs a batch of 2: at batch 1 the ResNet
+    blocks run compact and do not call their gated convs."""
+    x = torch.cat([x, x])
     sizes = {}
     hooks = [m.register_forward_hook(lambda m, a, o: sizes.__setitem__(m, (a[0][0, 0].numel(), o[0, 0].numel())))
              for m in model.modules() if isinstance(m, nn.Conv2d)]  # fmt: skip
@@ -163,6 +169,42 @@ def test_batch_one_really_skips_and_matches_the_batched_masking(fixture, request
     )  # fmt: skip  (stem, shortcuts)
     assert executed == int(counted) + ungated
     assert len(conv.last_kept) < conv.out_channels
+
+
+def _single_vs_batched(model, x):
+    with torch.no_grad():
+        batched, macs = model(x), per_input_macs(model, x)[0]
+        single = torch.cat([model(x[i : i + 1]) for i in range(len(x))])
+        single_macs = torch.cat([per_input_macs(model, x[i : i + 1], batch_size=1)[0] for i in range(len(x))])
+    return single, batched, single_macs, macs
+
+
+@pytest.mark.parametrize("empty", ["conv1", "conv2"])
+def test_compact_block_when_a_gate_keeps_nothing(tiny_resnet, empty):
+    """conv1 keeping nothing leaves conv2 its BatchNorm shift; conv2 keeping nothing leaves the shortcut."""
+    model = gated(tiny_resnet).double()
+    set_random_gates(model)
+    for block in (model.layer1[0], model.layer2[0]):  # an identity and a projection shortcut
+        getattr(block, empty).gate.threshold.fill_(1e9)
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    single, batched, single_macs, macs = _single_vs_batched(model, x)
+    assert torch.allclose(single, batched, rtol=1e-9, atol=1e-12 * batched.abs().max())
+    assert torch.equal(single_macs, macs)
+    assert len(model.layer2[0].conv1.last_kept if empty == "conv1" else model.layer2[0].conv2.last_kept) == 0
+
+
+def test_compact_block_follows_weight_and_threshold_changes(tiny_resnet):
+    """The folded batch-1 weights are rebuilt when a conv, BatchNorm or threshold changes in place."""
+    model = gated(tiny_resnet).double()
+    set_random_gates(model)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    _single_vs_batched(model, x)  # builds the caches
+    with torch.no_grad():
+        model.layer1[0].bn1.running_var.mul_(3.0)
+        model.layer2[0].conv2.weight.mul_(-1.0)
+        model.layer3[0].conv1.gate.threshold.fill_(1.5)
+    single, batched, _, _ = _single_vs_batched(model, x)
+    assert torch.allclose(single, batched, rtol=1e-9, atol=1e-12 * batched.abs().max())
 
 
 def test_manifold_loss_zero_for_identical_similarities():

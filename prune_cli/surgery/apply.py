@@ -57,14 +57,17 @@ def masks_for(
         g = by_id[gid]
         removed = torch.ones(g.size, dtype=torch.bool)
         removed[idx] = False
+        gone = removed.nonzero().flatten()
         for m in g.members:
+            # channel c owns positions offset + c*expand ... offset + (c+1)*expand - 1 of this dimension
+            pos = gone if m.expand == 1 else (gone[:, None] * m.expand + torch.arange(m.expand)).flatten()
+            if m.offset:
+                pos = pos + m.offset
             for dim in _DIMS[m.kind]:
-                key = (m.module, dim)
-                if key not in masks:
-                    masks[key] = torch.ones(ops.dim_size(modules[m.module], dim), dtype=torch.bool)
-                # channel c owns positions offset + c*expand ... offset + (c+1)*expand - 1 of this dimension
-                pos = m.offset + (torch.arange(g.size)[removed, None] * m.expand + torch.arange(m.expand)).flatten()
-                masks[key][pos] = False
+                mask = masks.get((m.module, dim))
+                if mask is None:
+                    mask = masks[m.module, dim] = torch.ones(ops.dim_size(modules[m.module], dim), dtype=torch.bool)
+                mask[pos] = False
     return masks
 
 

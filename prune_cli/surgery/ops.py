@@ -15,40 +15,46 @@ from prune_cli.modelfile import resized
 def _conv(m: nn.Conv2d, out_mask: Tensor | None, in_mask: Tensor | None) -> nn.Conv2d:
     out_idx = _idx(out_mask, m.out_channels)
     if m.groups == m.in_channels == m.out_channels and m.groups > 1:  # depthwise: one mask for in and out
-        new = resized(m, len(out_idx), len(out_idx), groups=len(out_idx))
-        in_idx = torch.arange(1)
+        new = resized(m, len(out_idx), len(out_idx), groups=len(out_idx), device="meta")
+        in_idx = None
     else:
         in_idx = _idx(in_mask, m.in_channels)
-        new = resized(m, len(in_idx), len(out_idx))
-    with torch.no_grad():
-        new.weight.copy_(m.weight[out_idx][:, in_idx])
-        if m.bias is not None:
-            new.bias.copy_(m.bias[out_idx])
-    return new.to(m.weight.device, m.weight.dtype).train(m.training)
+        new = resized(m, len(in_idx), len(out_idx), device="meta")
+    _take(new, m, "weight", out_idx, in_idx)
+    _take(new, m, "bias", out_idx)
+    return new.train(m.training)
 
 
 def _linear(m: nn.Linear, out_mask: Tensor | None, in_mask: Tensor | None) -> nn.Linear:
     out_idx, in_idx = _idx(out_mask, m.out_features), _idx(in_mask, m.in_features)
-    new = resized(m, len(in_idx), len(out_idx))
-    with torch.no_grad():
-        new.weight.copy_(m.weight[out_idx][:, in_idx])
-        if m.bias is not None:
-            new.bias.copy_(m.bias[out_idx])
-    return new.to(m.weight.device, m.weight.dtype).train(m.training)
+    new = resized(m, len(in_idx), len(out_idx), device="meta")
+    _take(new, m, "weight", out_idx, in_idx)
+    _take(new, m, "bias", out_idx)
+    return new.train(m.training)
 
 
 def _bn(m: nn.BatchNorm1d | nn.BatchNorm2d, out_mask: Tensor | None, in_mask: Tensor | None) -> nn.Module:
     idx = _idx(out_mask, m.num_features)
-    new = resized(m, len(idx), len(idx))
-    with torch.no_grad():
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            src = getattr(m, name)
-            if src is not None:
-                getattr(new, name).copy_(src[idx])
-        if m.num_batches_tracked is not None:
-            new.num_batches_tracked.copy_(m.num_batches_tracked)
-    device = m.running_mean.device if m.running_mean is not None else m.weight.device
-    return new.to(device).train(m.training)
+    new = resized(m, len(idx), len(idx), device="meta")
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        _take(new, m, name, idx)
+    if m.num_batches_tracked is not None:
+        new.num_batches_tracked = m.num_batches_tracked.clone()
+    return new.train(m.training)
+
+
+def _take(new: nn.Module, old: nn.Module, name: str, rows: Tensor, cols: Tensor | None = None) -> None:
+    """Give `new` (built on the meta device: no memory, no initialisation) the kept slice of `old`'s tensor `name`,
+    on `old`'s device and dtype, as a parameter or buffer like the original."""
+    src = getattr(old, name)
+    if src is None:
+        return
+    value = src.detach().index_select(0, rows.to(src.device))
+    if cols is not None:
+        value = value.index_select(1, cols.to(src.device))
+    if isinstance(src, nn.Parameter):
+        value = nn.Parameter(value, requires_grad=src.requires_grad)
+    setattr(new, name, value)
 
 
 SHRINK: dict[type[nn.Module], Callable[[nn.Module, Tensor | None, Tensor | None], nn.Module]] = {

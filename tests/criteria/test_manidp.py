@@ -310,6 +310,8 @@ def test_params_target_and_bad_options_are_refused(tiny_resnet, example_input):
         cls().run(ctx)
     with pytest.raises(BadValue):
         cls(cls.Options(remain=1.5)).run(ctx)
+    with pytest.raises(BadValue, match="track-momentum"):
+        cls(cls.Options(schedule="track", track_momentum=1.0)).run(ctx)
     assert cls(cls.Options(remain=0.7)).run(ctx).extra["remain"] == 0.7
 
 
@@ -349,3 +351,33 @@ def test_ahead_schedule_reaches_the_target_before_the_last_epoch(tiny_resnet):
     assert rates[0] is None and rates[1:] == pytest.approx([0.5, 0.5])  # official: [r(1) = 0.625, 0.5]
     assert all(torch.equal(c.gate.threshold, t) for c, t in zip(gated_layers(model), trained_with, strict=True))
     assert not all(torch.equal(t, torch.full_like(t, THRESHOLD_INIT)) for t in trained_with)
+
+
+def test_track_schedule_moves_thresholds_with_the_saliencies_each_step(tiny_resnet):
+    """schedule=track: within an epoch, after every step each threshold is the k-th largest of the moving average
+    of the batch-mean saliencies, at the epoch's rate; before any rate is set, nothing moves."""
+    model = gated(tiny_resnet)
+    layers = gated_layers(model)
+    hooks = ManiDPHooks(0.5, 5e-3, 1.0, 1.0, 0.5, 1.0, ahead=True, track_momentum=0.5)
+    x = torch.randn(4, 3, 16, 16)
+    set_random_gates(model, threshold=THRESHOLD_INIT)
+    model.train()
+
+    def step():
+        logits = model(x)
+        hooks.extra_loss(model, x, None, logits, torch.ones(4))
+        return [c.last_saliency.detach().mean(0) for c in layers]
+
+    step()
+    assert all(float(c.gate.threshold) == THRESHOLD_INIT for c in layers)  # epoch 0: no rate yet
+    hooks.on_epoch_end(model, 0, 3, {})
+    hooks.saliency_sums, hooks.seen = [torch.linspace(0, 8, c.out_channels) for c in layers], 8
+    hooks.on_epoch_end(model, 1, 3, {})  # rate r(2) = t = 0.5, moving average starts at the epoch means
+    start = [torch.linspace(0, 1, c.out_channels) for c in layers]
+    assert hooks.rate == pytest.approx(0.5)
+    means = step()
+    for conv, s, b in zip(layers, start, means, strict=True):
+        ema = 0.5 * s + 0.5 * b
+        assert float(conv.gate.threshold) == pytest.approx(
+            float(ema.sort(descending=True).values[conv.out_channels // 2 - 1])
+        )

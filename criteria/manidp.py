@@ -39,10 +39,11 @@ computes only the kept output channels); larger batches run dense and mask. In a
 autograd, batch 1 runs compact end to end (`GatedBasicBlock`): BatchNorm folded into the convs, the kept
 channels' scales folded into the ReLU output, conv2's gate pooled over conv1's kept channels only, and conv2's kept
 outputs added into the shortcut by index, so no full-width zero tensor, BatchNorm or mask product is computed.
-On small CIFAR widths a batch-1 CPU conv costs about the same for 8 and 16 channels, so that overhead, not the
-MACs, decided latency; see benchmarks/dynamic.py. Per-input MACs count the executed
-conv MACs plus the overhead: the gate's pooling (C_in H W additions), its two FC layers and the scaling of the
-kept channels (one multiplication per kept output value).
+At CIFAR widths a batch-1 CPU conv's time follows its input channels more than its MACs (`python
+benchmarks/dynamic.py conv-scaling`), so the latency gain stays well below the MAC gain.
+
+Per-input MACs count the executed conv MACs plus the overhead: the gate's pooling (C_in H W additions), its two FC
+layers and the scaling of the kept channels (one multiplication per kept output value).
 
 `gate_init`: "identity" (default; W1 Kaiming-normal, W2 = 0, b2 = 1, so pi = 1 for every input and the gated
 model starts as the pretrained base exactly) or "kaiming" (the official code: W2 Kaiming-normal too). With the
@@ -127,8 +128,7 @@ class GatedConv2d(DynamicModule, nn.Conv2d):
             new.bias = conv.bias
         new.gate = SaliencyGate(conv.in_channels, conv.out_channels, hidden, clamp_max).to(conv.weight.device)
         new._prev = (prev,) if prev is not None else ()  # a tuple: not a submodule, not in the state dict
-        new.last_saliency = new.last_kept = new.last_feature = None
-        new.last_mask = None
+        new.last_saliency = new.last_mask = new.last_kept = new.last_feature = None
         new.relu_feature = False
         return new
 

@@ -61,11 +61,8 @@ def test_gates_with_every_saliency_kept_reproduce_the_base_model(fixture, reques
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(model(x), base(x))
-        single = model(x[:1])  # the batch-1 path, nothing to skip
-        if fixture == "tiny_vgg":
-            assert torch.equal(single, base(x[:1]))
-        else:  # ResNet blocks run compact at batch 1, with BatchNorm folded into the convs: equal up to rounding
-            torch.testing.assert_close(single, base(x[:1]), rtol=1e-5, atol=1e-5)
+        # the compact batch-1 path, nothing to skip; BatchNorm is folded into the convs: equal up to rounding
+        torch.testing.assert_close(model(x[:1]), base(x[:1]), rtol=1e-5, atol=1e-5)
     total, overhead = per_input_macs(model, x)
     assert torch.equal(total - overhead, torch.full((4,), float(count_macs(base, x[:1])), dtype=torch.float64))
     assert torch.all(overhead > 0)
@@ -381,3 +378,22 @@ def test_track_schedule_moves_thresholds_with_the_saliencies_each_step(tiny_resn
         assert float(conv.gate.threshold) == pytest.approx(
             float(ema.sort(descending=True).values[conv.out_channels // 2 - 1])
         )
+
+
+def test_compact_vgg_features_match_the_batched_masking(tiny_vgg):
+    """VGG at batch 1 carries the kept channels from gated conv to gated conv; a conv that keeps nothing leaves the
+    next one only its BatchNorm shift; in-place edits rebuild the folded weights."""
+    model = gated(tiny_vgg).double()
+    set_random_gates(model)
+    layers = gated_layers(model)
+    layers[1].gate.threshold.fill_(1e9)  # keeps nothing: layers[2] sees zeros
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    single, batched, single_macs, macs = _single_vs_batched(model, x)
+    assert torch.allclose(single, batched, rtol=1e-9, atol=1e-12 * batched.abs().max())
+    assert torch.equal(single_macs, macs)
+    assert len(layers[1].last_kept) == 0 and 0 < len(layers[0].last_kept) < layers[0].out_channels
+    with torch.no_grad():
+        layers[1].gate.threshold.fill_(1.0)
+        model.features[-2].running_var.mul_(3.0)  # the last BatchNorm
+    single, batched, _, _ = _single_vs_batched(model, x)
+    assert torch.allclose(single, batched, rtol=1e-9, atol=1e-12 * batched.abs().max())

@@ -12,9 +12,11 @@
    - Two dense baselines: the model as it is, and the same with BatchNorm folded into the convs
      (torch.fx.experimental.optimization.fuse), since ManiDP's compact batch-1 path folds BatchNorm too.
    All models are timed alternately round by round on the same inputs (cycled), median over all passes.
-2. `conv-scaling`: why per-input channel skipping gains little latency at CIFAR widths on a CPU. Batch-1 time of
-   one 3x3 conv at ResNet-20's stage widths (16 at 32x32, 32 at 16x16, 64 at 8x8) when only the output channels
-   shrink (a gated block's conv1, whose input is the full block input) and when both shrink (its conv2).
+2. `conv-scaling`: why per-input channel skipping gains little latency at batch 1 on a CPU. Batch-1 time of one 3x3
+   conv at ResNet-20's stage widths (16 at 32x32, 32 at 16x16, 64 at 8x8) and VGG's (128 at 16x16, 256 at 8x8,
+   512 at 4x4) when only the output channels shrink (a gated block's conv1, whose input is the full block input),
+   when both shrink (its conv2, or a VGG conv after a gated one), and the one-pass gather of the kept filters that
+   a per-input choice of channels has to pay on every input.
 3. `haste-accuracy --model FILE`: HASTE at several MACs targets on the model's full test set: top-1, per-input MACs
    (mean, std), overhead; `--out` writes the JSON.
 
@@ -140,26 +142,35 @@ def latency_one(args, arch: str | None) -> dict:
 @torch.no_grad()
 def conv_scaling(args) -> None:
     print(f"batch-1 3x3 conv time, {torch.get_num_threads()} threads, best of 3 rounds; as a share of the full conv")
-    print("width  size  kept   MACs (out only)  time (out only)   MACs (in and out)  time (in and out)")
-    for width, size in ((16, 32), (32, 16), (64, 8)):
+    print("width  size  kept   MACs (out only)  time (out only)   MACs (in and out)  time (in and out)  weight gather")
+    for width, size in ((16, 32), (32, 16), (64, 8), (128, 16), (256, 8), (512, 4)):
         x = torch.randn(1, width, size, size)
-        full = _conv_ms(x, torch.randn(width, width, 3, 3))
+        w = torch.randn(width, width, 3, 3)
+        full = _conv_ms(x, w)
         for kept in (1.0, 0.75, 0.6, 0.5):
             k = max(1, round(kept * width))
+            idx = torch.randperm(width)[:k].sort().values
+            pairs = (idx[:, None] * width + idx).flatten()
             out_only = _conv_ms(x, torch.randn(k, width, 3, 3))
             both = _conv_ms(x[:, :k].contiguous(), torch.randn(k, k, 3, 3))
+            gather = _timed_ms(lambda w=w, pairs=pairs: w.flatten(0, 1).index_select(0, pairs))
             print(f"{width:5d} {size:5d} {kept:5.2f} {k / width:16.2f} {out_only / full:16.2f} "
-                  f"{(k / width) ** 2:18.2f} {both / full:18.2f}")  # fmt: skip
+                  f"{(k / width) ** 2:18.2f} {both / full:18.2f} {gather / full:14.2f}")  # fmt: skip
 
 
-def _conv_ms(x: torch.Tensor, w: torch.Tensor, n: int = 300) -> float:
+def _conv_ms(x: torch.Tensor, w: torch.Tensor) -> float:
+    return _timed_ms(lambda: torch.conv2d(x, w, None, 1, 1))
+
+
+def _timed_ms(fn, n: int = 300) -> float:
+    """Best of 3 rounds of `n` calls, ms per call."""
     for _ in range(30):
-        torch.conv2d(x, w, None, 1, 1)
+        fn()
     rounds = []
     for _ in range(3):
         t0 = time.perf_counter()
         for _ in range(n):
-            torch.conv2d(x, w, None, 1, 1)
+            fn()
         rounds.append((time.perf_counter() - t0) / n * 1e3)
     return min(rounds)
 

@@ -34,11 +34,13 @@ t (`remain`): the target remain rate; by default derived from --target-macs by a
 conv costs t^2 of its MACs when its input is gated too, t otherwise). The realised per-input MACs differ
 (saliency decides per instance); `prune` reports them on the test set.
 
-Inference: batch 1 in eval mode really skips masked channels (the conv runs on the kept input channels and
-computes only the kept output channels); larger batches run dense and mask. In a ResNet basic block without
-autograd, batch 1 runs compact end to end (`GatedBasicBlock`): BatchNorm folded into the convs, the kept
-channels' scales folded into the ReLU output, conv2's gate pooled over conv1's kept channels only, and conv2's kept
-outputs added into the shortcut by index, so no full-width zero tensor, BatchNorm or mask product is computed.
+Inference: batch 1 in eval mode without autograd really skips masked channels, computing only kept channels end
+to end (`GatedConv2d.compact`): each gated conv runs on the kept input channels into the kept output channels, with
+its BatchNorm folded in and the kept channels' scales applied after the ReLU; its gate pools only the kept input
+channels (the others are zero). A ResNet block (`GatedBasicBlock`) passes conv1's kept channels to conv2 and adds
+conv2's into the shortcut by index; VGG features (`GatedFeatures`) carry them through max-pools to the next gated
+conv. No full-width zero tensor, BatchNorm or mask product is computed. Batches, training and autograd run the
+convs dense and mask the BatchNorm output.
 At CIFAR widths a batch-1 CPU conv's time follows its input channels more than its MACs (`python
 benchmarks/dynamic.py conv-scaling`), so the latency gain stays well below the MAC gain.
 
@@ -155,13 +157,10 @@ class GatedConv2d(DynamicModule, nn.Conv2d):
         self.refuse_proxy(x)
         pi = self.gate(x)
         mask = torch.where(pi >= self.gate.threshold, pi, 0.0)
-        self.last_saliency, self.last_mask = pi, mask
+        self.last_saliency, self.last_mask, self.last_kept = pi, mask, None  # last_kept: compact steps only
         prev = self.prev
         in_mask = prev.last_mask if prev is not None else None
-        if x.shape[0] == 1 and not self.training:
-            y = self._skipping(x, mask[0], prev.last_kept if prev is not None else None)
-        else:
-            y = super().forward(x)
+        y = super().forward(x)  # batch-1 inference skips channels one level up (GatedBasicBlock, GatedFeatures)
         shape = (x.shape[1], x.shape[2] * x.shape[3], y.shape[2] * y.shape[3])
         self.record_lazy(lambda: self._costs(mask.detach(), in_mask, *shape))
         return y
@@ -237,25 +236,6 @@ class GatedConv2d(DynamicModule, nn.Conv2d):
         """Spatial size (H', W') of this conv's output for input x (N, C, H, W)."""
         geometry = zip(x.shape[2:], self.padding, self.dilation, self.kernel_size, self.stride, strict=True)
         return [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in geometry]
-
-    def _skipping(self, x: Tensor, mask: Tensor, in_idx: Tensor | None) -> Tensor:
-        """One input: convolve only the kept input channels (`in_idx`, those the previous gate kept) into the
-        kept output channels; the others stay exactly zero."""
-        out_idx = torch.nonzero(mask, as_tuple=True)[0]
-        self.last_kept = out_idx
-        w, b = self.weight, self.bias
-        all_out = len(out_idx) == self.out_channels
-        if not all_out:  # output rows first (contiguous), so that the strided input gather reads less
-            w = w.index_select(0, out_idx)
-            b = b.index_select(0, out_idx) if b is not None else None
-        if in_idx is not None and len(in_idx) < self.in_channels:
-            x, w = x.index_select(1, in_idx), w.index_select(1, in_idx)
-        if all_out:
-            return self._conv_forward(x, w, b)
-        y = x.new_zeros(1, self.out_channels, *self.output_size(x))
-        if len(out_idx):
-            y.index_copy_(1, out_idx, self._conv_forward(x, w, b))
-        return y
 
 
 def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:

@@ -226,6 +226,8 @@ def main() -> None:
     parser.add_argument("--per-round", type=int, default=16)
     parser.add_argument("--out", default=None, help="write the figures as JSON")
     args = parser.parse_args()
+    if args.manidp and not args.model:
+        parser.error("--manidp needs --model, the base it was trained from")
     torch.set_num_threads(args.threads)
     {"latency": latency, "conv-scaling": conv_scaling, "haste-accuracy": haste_accuracy}[args.task](args)
 

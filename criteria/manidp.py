@@ -177,14 +177,6 @@ class GatedConv2d(DynamicModule, nn.Conv2d):
     def last_mask(self, mask: Tensor | None) -> None:
         self.__dict__["_last_mask"] = mask
 
-    def note_compact(self, pi: Tensor, kept: Tensor, hw_in: int, hw_out: int) -> None:
-        """Record what a compact step computed: saliency `pi` (1, C_out) and the `kept` output channels. The mask and
-        the MACs are built only when read, so that the accounting stays out of measured latency."""
-        self.last_saliency, self.last_kept = pi, kept
-        self.last_mask = lambda: torch.zeros_like(pi).index_copy_(1, kept, pi.index_select(1, kept))
-        prev, c_in = self.prev, self.in_channels
-        self.record_lazy(lambda: self._costs(self.last_mask, prev.last_mask if prev else None, c_in, hw_in, hw_out))
-
     def folded(self, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor, float]:
         """This conv and `bn` folded into one (weight, bias), and the threshold as a float; cached, and rebuilt
         when any tensor they come from changes (training, load_state_dict, an in-place edit)."""
@@ -219,7 +211,11 @@ class GatedConv2d(DynamicModule, nn.Conv2d):
         if relu:  # relu(a) * s == relu(a * s) for s > 0: scale after the ReLU, as the masked BN output would be
             y = y.relu_()
         y = y.mul_(pi[0].index_select(0, kept).view(-1, 1, 1))
-        self.note_compact(pi, kept, x.shape[2] * x.shape[3], y.shape[2] * y.shape[3])
+        # the same records as forward(); the mask and the MACs are built only when read, out of measured latency
+        self.last_saliency, self.last_kept = pi, kept
+        self.last_mask = lambda: torch.zeros_like(pi).index_copy_(1, kept, pi.index_select(1, kept))
+        prev, shape = self.prev, (self.in_channels, x.shape[2] * x.shape[3], y.shape[2] * y.shape[3])
+        self.record_lazy(lambda: self._costs(self.last_mask, prev.last_mask if prev is not None else None, *shape))
         return y, kept
 
     def _costs(self, mask: Tensor, in_mask: Tensor | None, c_in: int, hw_in: int, hw_out: int):
@@ -284,18 +280,14 @@ class GatedFeatures(nn.Sequential):
             m = layers[i]
             if isinstance(m, GatedConv2d):  # _gate_sites checked that a BatchNorm and a ReLU follow
                 x, kept = m.compact(x, kept, layers[i + 1], relu=True)
+                width = m.out_channels
                 i += 3
                 continue
             if kept is not None and not isinstance(m, (nn.MaxPool2d, nn.ReLU)):
-                x, kept = _scatter(x, kept, layers_before_width(layers, i)), None
+                x, kept = _scatter(x, kept, width), None
             x = m(x)
             i += 1
-        return x if kept is None else _scatter(x, kept, layers_before_width(layers, len(layers)))
-
-
-def layers_before_width(layers: list[nn.Module], i: int) -> int:
-    """Channels of the tensor entering layers[i]: the out_channels of the last conv before it."""
-    return next(m.out_channels for m in reversed(layers[:i]) if isinstance(m, nn.Conv2d))
+        return x if kept is None else _scatter(x, kept, width)
 
 
 def _scatter(x: Tensor, kept: Tensor, width: int) -> Tensor:
@@ -466,7 +458,7 @@ def estimate_remain(base: nn.Module, gated: nn.Module, example_input: Tensor, ke
     handles = [c.register_forward_hook(hook) for c in layers]
     try:
         with torch.no_grad():
-            gated(example_input[:1].repeat(2, 1, 1, 1))  # batch 2: at batch 1 ResNet blocks skip the convs' forward
+            gated(example_input[:1].repeat(2, 1, 1, 1))  # batch 2: batch 1 runs compact, not the convs' forward
     finally:
         for h in handles:
             h.remove()

@@ -113,6 +113,10 @@ def latency_one(args, arch: str | None) -> dict:
     ms = timed({"dense": base, "dense_folded": folded, "haste": hashed.model, "manidp": gated}, x, args.rounds,
                args.per_round)  # fmt: skip
     print(f"inputs: {source}; {torch.get_num_threads()} threads; {len(x)} inputs; batch 1")
+    layers = manidp.gated_layers(gated)
+    steps = len(layers) * (3 + args.rounds * args.per_round)  # compact steps timed, warm-up included
+    slices = sum(getattr(c, "slice_misses", 0) for c in layers)
+    print(f"ManiDP: {slices} kept-set weight slices built over {steps} compact steps ({slices / steps:.1%})")
     print(f"dense: {dense_macs / 1e6:.2f} MMACs, {ms['dense']:.3f} ms; BatchNorm folded {ms['dense_folded']:.3f} ms")
     labels = {"haste": f"HASTE (L={hashed.extra['hyperplanes']}, search target -{args.target:.0%})",
               "manidp": gated_label}  # fmt: skip
@@ -136,7 +140,7 @@ def latency_one(args, arch: str | None) -> dict:
             f"{r['ratio_vs_folded']:+.2f} against the folded dense model"
         )
     return {"source": source, "threads": torch.get_num_threads(), "dense_macs": dense_macs, "dense_ms": ms["dense"],
-            "dense_folded_ms": ms["dense_folded"], "rows": rows}  # fmt: skip
+            "dense_folded_ms": ms["dense_folded"], "manidp_slice_share": slices / steps, "rows": rows}  # fmt: skip
 
 
 @torch.no_grad()

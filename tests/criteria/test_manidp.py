@@ -200,8 +200,30 @@ def test_compact_block_follows_weight_and_threshold_changes(tiny_resnet):
         model.layer1[0].bn1.running_var.mul_(3.0)
         model.layer2[0].conv2.weight.mul_(-1.0)
         model.layer3[0].conv1.gate.threshold.fill_(1.5)
+        model.layer3[0].conv2.gate.w1.mul_(2.0)  # the gate's sum-pooling weights are cached too
     single, batched, _, _ = _single_vs_batched(model, x)
     assert torch.allclose(single, batched, rtol=1e-9, atol=1e-12 * batched.abs().max())
+
+
+@pytest.mark.parametrize("budget", [4, 0])
+def test_cached_kept_set_slices_give_the_same_outputs(tiny_resnet, budget, monkeypatch):
+    """Repeated inputs reuse the sliced weights of their kept sets (no new slices); a cache over its budget starts
+    over (budget 0: after every new slice) and still gives the batched masking's outputs."""
+    monkeypatch.setattr("criteria.manidp.SLICE_CACHE_WEIGHTS", budget)
+    model = gated(tiny_resnet).double()
+    set_random_gates(model)
+    x = torch.randn(6, 3, 16, 16, dtype=torch.float64)
+    first, batched, _, _ = _single_vs_batched(model, x)
+    misses = sum(c.slice_misses for c in gated_layers(model))
+    second, _, _, _ = _single_vs_batched(model, x)
+    assert torch.equal(first, second)
+    assert torch.allclose(second, batched, rtol=1e-9, atol=1e-12 * batched.abs().max())
+    again = sum(c.slice_misses for c in gated_layers(model)) - misses
+    with torch.no_grad():
+        model(x)  # batched: every input's mask
+    distinct = sum(len({bytes(m) for m in (c.last_mask > 0).numpy()}) for c in gated_layers(model))
+    assert misses >= distinct > len(gated_layers(model))  # the gates chose several sets per conv
+    assert again == 0 if budget else again > 0
 
 
 def test_manifold_loss_zero_for_identical_similarities():

@@ -162,20 +162,17 @@ def module_widths_one(m: nn.Module) -> tuple[int, int]:
     return m.num_features, m.num_features  # BatchNorm
 
 
-def resized(
-    m: nn.Module, in_width: int, out_width: int, groups: int | None = None, device: str | None = None
-) -> nn.Module:
-    """An initialised module like `m` with other channel widths (same hyper-parameters otherwise). On
-    `device="meta"` it holds no memory and skips the initialisation (for callers that set every tensor)."""
+def resized(m: nn.Module, in_width: int, out_width: int, groups: int | None = None) -> nn.Module:
+    """An initialised module like `m` with other channel widths (same hyper-parameters otherwise)."""
     if isinstance(m, nn.Conv2d):
         return nn.Conv2d(
             in_width, out_width, m.kernel_size, m.stride, m.padding, m.dilation,
-            groups if groups is not None else m.groups, m.bias is not None, m.padding_mode, device=device,
+            groups if groups is not None else m.groups, m.bias is not None, m.padding_mode,
         )  # fmt: skip
     if isinstance(m, nn.Linear):
-        return nn.Linear(in_width, out_width, m.bias is not None, device=device)
+        return nn.Linear(in_width, out_width, m.bias is not None)
     if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        return type(m)(out_width, m.eps, m.momentum, m.affine, m.track_running_stats, device=device)
+        return type(m)(out_width, m.eps, m.momentum, m.affine, m.track_running_stats)
     raise BadModelFile(f"cannot resize a {type(m).__name__}")
 
 

@@ -1,8 +1,8 @@
 """Physical removal: keep-plan -> a new, smaller model with the same module names.
 
 For every module a removal touches, a boolean mask per dimension ("out", "in") is built from the groups' members
-(offsets for concatenation, `expand` for flatten -> Linear), then the module is rebuilt once from its kept slices
-by the per-type function in `ops.py`. The original model is never modified.
+(offsets for concatenation, `expand` for flatten -> Linear), then the copy of the module gets its kept slices
+from the per-type function in `ops.py`. The original model is never modified.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from prune_cli.api import ChannelGroup
-from prune_cli.errors import PruneCliError
+from prune_cli.errors import PruneCliError, UnsupportedGraph
 from prune_cli.surgery import ops
 from prune_cli.surgery.graph import channel_groups
 
@@ -86,18 +86,22 @@ def prune(
     groups = groups if groups is not None else channel_groups(model, example_input)
     keep = validate_keep(groups, keep)
     masks = masks_for(groups, keep, model)
-    touched = sorted({name for name, _ in masks})
-    # Build the shrunk layers from the original, and let deepcopy skip them (placeholders in its memo): copying
-    # weights that are replaced right after would be most of the work.
-    shrunk = {}
+    # The copy takes the kept slices in place of the touched layers' tensors (deepcopy's memo maps each old tensor
+    # to its slice): nothing is copied that is replaced right after, and no layer is rebuilt by its constructor.
     memo: dict[int, object] = {}
-    for name in touched:
+    sizes = {}
+    for name in sorted({name for name, _ in masks}):
         old = model.get_submodule(name)
-        shrunk[name] = ops.shrink(old, masks.get((name, "out")), masks.get((name, "in")))
-        memo[id(old)] = nn.Identity()
+        tensors, sizes[name] = ops.shrink(old, masks.get((name, "out")), masks.get((name, "in")))
+        for attr, value in tensors.items():
+            if id(getattr(old, attr)) in memo:
+                raise UnsupportedGraph(f"{name}.{attr} is shared with another layer; tied weights cannot be pruned")
+            memo[id(getattr(old, attr))] = value
     new = copy.deepcopy(model, memo)
-    for name, module in shrunk.items():
-        _set_module(new, name, module)
+    for name, attrs in sizes.items():
+        module = new.get_submodule(name)
+        for attr, value in attrs.items():
+            setattr(module, attr, value)
     if overrides:
         apply_overrides(new, overrides)
     return new
@@ -115,8 +119,3 @@ def apply_overrides(model: nn.Module, overrides: Mapping[str, Tensor]) -> None:
             )
         with torch.no_grad():
             state[name].copy_(value)
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)

@@ -1,63 +1,60 @@
-"""Per-layer prune functions, one per module type, in one table: each builds a NEW module of the same type and
-hyper-parameters from the kept slices of the old one (weights, bias, BatchNorm's four buffers)."""
+"""Per-layer prune functions, one per module type, in one table: each gives the kept slices of a module's tensors
+(weights, bias, BatchNorm's four buffers) and its new channel sizes. `apply.prune` hands the slices to its copy of
+the model, so that the shrunk layer is a copy of the old one (hooks and any extra attribute included) with smaller
+tensors, never rebuilt by its constructor."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from torch import Tensor, nn
 
 from prune_cli.errors import UnsupportedGraph
-from prune_cli.modelfile import resized
+
+Shrunk = tuple[dict[str, Tensor], dict[str, int]]  # tensor name -> kept slice, size attribute -> new size
 
 
-def _conv(m: nn.Conv2d, out_mask: Tensor | None, in_mask: Tensor | None) -> nn.Conv2d:
-    out_idx = _idx(out_mask, m.out_channels)
+def _conv(m: nn.Conv2d, out_mask: Tensor | None, in_mask: Tensor | None) -> Shrunk:
+    out_idx = _idx(out_mask)
     if m.groups == m.in_channels == m.out_channels and m.groups > 1:  # depthwise: one mask for in and out
-        new = resized(m, len(out_idx), len(out_idx), groups=len(out_idx), device="meta")
-        in_idx = None
-    else:
-        in_idx = _idx(in_mask, m.in_channels)
-        new = resized(m, len(in_idx), len(out_idx), device="meta")
-    _take(new, m, "weight", out_idx, in_idx)
-    _take(new, m, "bias", out_idx)
-    return new.train(m.training)
+        k = m.out_channels if out_idx is None else len(out_idx)
+        return _kept(m, {"weight": (out_idx, None), "bias": (out_idx, None)}), {
+            "in_channels": k, "out_channels": k, "groups": k}  # fmt: skip
+    in_idx = _idx(in_mask)
+    sizes = {"in_channels": _size(in_idx, m.in_channels), "out_channels": _size(out_idx, m.out_channels)}
+    return _kept(m, {"weight": (out_idx, in_idx), "bias": (out_idx, None)}), sizes
 
 
-def _linear(m: nn.Linear, out_mask: Tensor | None, in_mask: Tensor | None) -> nn.Linear:
-    out_idx, in_idx = _idx(out_mask, m.out_features), _idx(in_mask, m.in_features)
-    new = resized(m, len(in_idx), len(out_idx), device="meta")
-    _take(new, m, "weight", out_idx, in_idx)
-    _take(new, m, "bias", out_idx)
-    return new.train(m.training)
+def _linear(m: nn.Linear, out_mask: Tensor | None, in_mask: Tensor | None) -> Shrunk:
+    out_idx, in_idx = _idx(out_mask), _idx(in_mask)
+    sizes = {"in_features": _size(in_idx, m.in_features), "out_features": _size(out_idx, m.out_features)}
+    return _kept(m, {"weight": (out_idx, in_idx), "bias": (out_idx, None)}), sizes
 
 
-def _bn(m: nn.BatchNorm1d | nn.BatchNorm2d, out_mask: Tensor | None, in_mask: Tensor | None) -> nn.Module:
-    idx = _idx(out_mask, m.num_features)
-    new = resized(m, len(idx), len(idx), device="meta")
-    for name in ("weight", "bias", "running_mean", "running_var"):
-        _take(new, m, name, idx)
-    if m.num_batches_tracked is not None:
-        new.num_batches_tracked = m.num_batches_tracked.clone()
-    return new.train(m.training)
+def _bn(m: nn.BatchNorm1d | nn.BatchNorm2d, out_mask: Tensor | None, in_mask: Tensor | None) -> Shrunk:
+    idx = _idx(out_mask)
+    names = ("weight", "bias", "running_mean", "running_var")
+    return _kept(m, {name: (idx, None) for name in names}), {"num_features": _size(idx, m.num_features)}
 
 
-def _take(new: nn.Module, old: nn.Module, name: str, rows: Tensor, cols: Tensor | None = None) -> None:
-    """Give `new` (built on the meta device: no memory, no initialisation) the kept slice of `old`'s tensor `name`,
-    on `old`'s device and dtype, as a parameter or buffer like the original."""
-    src = getattr(old, name)
-    if src is None:
-        return
-    value = src.detach().index_select(0, rows.to(src.device))
-    if cols is not None:
-        value = value.index_select(1, cols.to(src.device))
-    if isinstance(src, nn.Parameter):
-        value = nn.Parameter(value, requires_grad=src.requires_grad)
-    setattr(new, name, value)
+def _kept(m: nn.Module, cuts: dict[str, tuple[Tensor | None, Tensor | None]]) -> dict[str, Tensor]:
+    """The kept (rows, columns) slice of each tensor of `m` named in `cuts` (None keeps that dimension), on its
+    device and dtype, a Parameter where the original is one (same requires_grad)."""
+    out = {}
+    for name, (rows, cols) in cuts.items():
+        src = getattr(m, name)
+        if src is None:
+            continue
+        value = src.detach() if rows is not None or cols is not None else src.detach().clone()  # the copy owns it
+        if rows is not None:
+            value = value.index_select(0, rows.to(src.device))
+        if cols is not None:
+            value = value.index_select(1, cols.to(src.device))
+        out[name] = nn.Parameter(value, requires_grad=src.requires_grad) if isinstance(src, nn.Parameter) else value
+    return out
 
 
-SHRINK: dict[type[nn.Module], Callable[[nn.Module, Tensor | None, Tensor | None], nn.Module]] = {
+SHRINK: dict[type[nn.Module], Callable[[nn.Module, Tensor | None, Tensor | None], Shrunk]] = {
     nn.Conv2d: _conv,
     nn.Linear: _linear,
     nn.BatchNorm1d: _bn,
@@ -65,8 +62,9 @@ SHRINK: dict[type[nn.Module], Callable[[nn.Module, Tensor | None, Tensor | None]
 }
 
 
-def shrink(m: nn.Module, out_mask: Tensor | None, in_mask: Tensor | None) -> nn.Module:
-    """A smaller copy of `m` keeping the True positions of `out_mask` / `in_mask` (None keeps the dimension)."""
+def shrink(m: nn.Module, out_mask: Tensor | None, in_mask: Tensor | None) -> Shrunk:
+    """The kept slices of `m`'s tensors and its new sizes, keeping the True positions of `out_mask` / `in_mask`
+    (None keeps the dimension)."""
     fn = SHRINK.get(type(m))
     if fn is None:
         raise UnsupportedGraph(f"no prune function for layers of type {type(m).__name__}")
@@ -84,5 +82,9 @@ def dim_size(m: nn.Module, dim: str) -> int:
     raise UnsupportedGraph(f"no prune function for layers of type {type(m).__name__}")
 
 
-def _idx(mask: Tensor | None, size: int) -> Tensor:
-    return torch.arange(size) if mask is None else mask.nonzero().flatten()
+def _idx(mask: Tensor | None) -> Tensor | None:
+    return None if mask is None else mask.nonzero().flatten()
+
+
+def _size(idx: Tensor | None, size: int) -> int:
+    return size if idx is None else len(idx)

@@ -82,10 +82,24 @@ def test_keeping_everything_is_the_identity(arch):
 def test_original_is_untouched_and_pruned_is_smaller(tiny_resnet):
     before = {k: v.clone() for k, v in tiny_resnet.state_dict().items()}
     groups = channel_groups(tiny_resnet, X[:1])
-    pruned = prune(tiny_resnet, X[:1], {"layer1.0.conv1": torch.tensor([0, 3, 5])}, groups=groups)
+    feeds_fc = next(g for g in groups if any(m.module == "fc" for m in g.members))  # fc: inputs cut, bias not
+    plan = {"layer1.0.conv1": torch.tensor([0, 3, 5]), feeds_fc.id: torch.arange(0, feeds_fc.size, 2)}
+    pruned = prune(tiny_resnet, X[:1], plan, groups=groups)
     assert all(torch.equal(before[k], v) for k, v in tiny_resnet.state_dict().items())
     assert pruned.layer1[0].conv1.out_channels == 3 and pruned.layer1[0].bn1.num_features == 3
     assert pruned.layer1[0].conv2.in_channels == 3 and tiny_resnet.layer1[0].conv1.out_channels == 16
+    # no tensor of the copy shares memory with the original
+    originals = {t.data_ptr() for t in tiny_resnet.state_dict().values()}
+    assert not originals & {t.data_ptr() for t in pruned.state_dict().values()}
+
+
+def test_tied_weights_are_refused():
+    """Two convs sharing one weight tensor cannot both get their own slice: a clear error, not a wrong model."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))  # fmt: skip
+    net[4].weight = net[2].weight
+    with pytest.raises(PruneCliError, match="shared with another layer"):
+        prune(net, X[:1], {"2": torch.tensor([0, 1, 2])})
 
 
 def test_saved_pruned_model_reloads_identically_and_exports(tiny_resnet, tmp_path):

@@ -39,8 +39,9 @@ to end (`GatedConv2d.compact`): each gated conv runs on the kept input channels 
 its BatchNorm folded in and the kept channels' scales applied after the ReLU; its gate pools only the kept input
 channels (the others are zero). A ResNet block (`GatedBasicBlock`) passes conv1's kept channels to conv2 and adds
 conv2's into the shortcut by index; VGG features (`GatedFeatures`) carry them through max-pools to the next gated
-conv. No full-width zero tensor, BatchNorm or mask product is computed. Batches, training and autograd run the
-convs dense and mask the BatchNorm output.
+conv. No full-width zero tensor, BatchNorm or mask product is computed. The folded weights' slices are cached per
+pair of kept sets (`Folded`), so an input whose gates choose sets seen before gathers no weights. Batches, training
+and autograd run the convs dense and mask the BatchNorm output.
 At CIFAR widths a batch-1 CPU conv's time follows its input channels more than its MACs (`python
 benchmarks/dynamic.py conv-scaling`), so the latency gain stays well below the MAC gain.
 
@@ -59,7 +60,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -86,6 +87,46 @@ class Kept(NamedTuple):
 
     index: Tensor
     key: bytes
+
+
+@dataclass(eq=False)
+class Folded:
+    """A gated conv's compact-inference state: the conv and its BatchNorm folded into weight (C_out, C_in, kh, kw)
+    and bias (C_out,); the gate's threshold, w2, b2 and clamp; the tensors it was built from (`sources`, with their
+    `versions`); and caches: `slices` (in key, out key) -> (Kept, weight, bias) on those channels, and
+    `gate_inputs` (in key, H W) -> the gate's w1 rows of the kept inputs divided by H W."""
+
+    sources: tuple
+    versions: tuple
+    weight: Tensor
+    bias: Tensor
+    threshold: float
+    w2: Tensor
+    b2: Tensor
+    clamp_max: float
+    slices: dict = field(default_factory=dict)
+    gate_inputs: dict = field(default_factory=dict)
+    slice_numel: int = 0
+
+    def slice(self, kept: Tensor, incoming: Kept | None, key: tuple) -> tuple[Kept, Tensor, Tensor]:
+        """Cache and return (Kept, weight (k_out, k_in, kh, kw), bias (k_out,)) on the kept inputs and outputs."""
+        w = self.weight
+        if self.slice_numel > SLICE_CACHE_WEIGHTS * w.numel():
+            # only gates that choose many sets get here; simpler than LRU and as bounded. Every new input set also
+            # makes a new slice, so clearing the gate's inputs here bounds them too.
+            self.slices.clear()
+            self.gate_inputs.clear()
+            self.slice_numel = 0
+        if incoming is None:
+            w = w.index_select(0, kept)
+        elif w.numel() < ONE_PASS_GATHER:
+            w = w.index_select(0, kept).index_select(1, incoming.index)
+        else:  # one gather of the (out, in) filter pairs: on wide layers two passes cost more than the kept conv
+            pairs = (kept[:, None] * w.shape[1] + incoming.index).flatten()
+            w = w.flatten(0, 1).index_select(0, pairs).view(len(kept), len(incoming.index), *w.shape[2:])
+        self.slice_numel += w.numel()
+        entry = self.slices[key] = (Kept(kept, key[1]), w, self.bias.index_select(0, kept))
+        return entry
 
 
 class SaliencyGate(nn.Module):
@@ -144,7 +185,7 @@ class GatedConv2d(DynamicModule, nn.Conv2d):
         new.gate = SaliencyGate(conv.in_channels, conv.out_channels, hidden, clamp_max).to(conv.weight.device)
         new._prev = (prev,) if prev is not None else ()  # a tuple: not a submodule, not in the state dict
         new.last_saliency = new.last_mask = new.last_kept = new.last_feature = None
-        new.relu_feature = False
+        new.relu_feature, new.slice_misses = False, 0  # slice_misses: kept-set slices built (compact steps)
         return new
 
     def attach_norm(self, bn: nn.BatchNorm2d, relu_feature: bool) -> None:
@@ -186,17 +227,19 @@ class GatedConv2d(DynamicModule, nn.Conv2d):
     def last_mask(self, mask: Tensor | None) -> None:
         self.__dict__["_last_mask"] = mask
 
-    def folded(self, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor, float, dict]:
-        """This conv and `bn` folded into one (weight, bias), the threshold as a float, and the cache of the compact
-        steps' kept-channel slices; built once, and rebuilt (the slices dropped) when any tensor they come from
-        changes (training, load_state_dict, an in-place edit)."""
-        sources = (self.weight, self.bias, self.gate.threshold, self.gate.w1, bn.weight, bn.bias, bn.running_mean,
-                   bn.running_var)  # fmt: skip
-        key = tuple((t.data_ptr(), t._version) if t is not None else None for t in sources)
-        cache = self.__dict__.get("_fold_cache")
-        if cache is None or cache[0] != key:
-            cache = self.__dict__["_fold_cache"] = (key, (*_fold(self, bn), float(self.gate.threshold), {}))
-        return cache[1]
+    def folded(self, bn: nn.BatchNorm2d) -> Folded:
+        """This conv's compact-inference state with `bn` (see `Folded`); built once, and rebuilt (the slices
+        dropped) when a tensor it comes from is replaced or changed in place (training, load_state_dict, an edit)."""
+        gate = self.gate
+        sources = (self.weight, self.bias, gate.threshold, gate.w1, gate.w2, gate.b2, bn.weight, bn.bias,
+                   bn.running_mean, bn.running_var)  # fmt: skip
+        versions = tuple(-1 if t is None else t._version for t in sources)
+        f = self.__dict__.get("_folded")  # it holds the old sources, so `is` compares live objects only
+        if f is None or f.versions != versions or any(a is not b for a, b in zip(f.sources, sources, strict=True)):
+            w, b = _fold(self, bn)
+            f = self.__dict__["_folded"] = Folded(sources, versions, w, b, float(gate.threshold), gate.w2.detach(),
+                                                  gate.b2.detach(), gate.clamp_max)  # fmt: skip
+        return f
 
     def compact(self, x: Tensor, incoming: Kept | None, bn: nn.BatchNorm2d, relu: bool) -> tuple[Tensor, Kept]:
         """One batch-1 step on kept channels only: x (1, k_in, H, W) holds the input channels `incoming` (None: all);
@@ -204,20 +247,21 @@ class GatedConv2d(DynamicModule, nn.Conv2d):
         channels, BatchNorm folded into the conv. The gate pools x: the dropped input channels are zeros and pool
         to 0. The slices of the folded weights for a pair of kept sets are cached (`SLICE_CACHE_WEIGHTS` bounds
         them): trained gates choose from few sets (FMNIST ResNet-20: 2 to 18 per conv over 256 test images)."""
-        w, b, threshold, slices = self.folded(bn)
+        f = self.folded(bn)
         in_key = None if incoming is None else incoming.key
         hw = x.shape[2] * x.shape[3]
-        w1 = slices.get((in_key, hw))  # the gate's first layer on the kept inputs, divided by H W: sum-pooling
+        w1 = f.gate_inputs.get((in_key, hw))  # the gate's first layer on the kept inputs, divided by H W: sum-pooling
         if w1 is None:
             w1 = self.gate.w1 if incoming is None else self.gate.w1.index_select(0, incoming.index)
-            w1 = slices[(in_key, hw)] = w1.detach() / hw
+            w1 = f.gate_inputs[(in_key, hw)] = w1.detach() / hw
         h = torch.mm(x.sum((2, 3)), w1).relu_()
-        pi = torch.addmm(self.gate.b2, h, self.gate.w2).clamp_(0.0, self.gate.clamp_max)[0]  # (C_out,)
-        keep = pi > 0 if threshold <= 0 else pi >= threshold  # a zero scale keeps nothing
+        pi = torch.addmm(f.b2, h, f.w2).clamp_(0.0, f.clamp_max)[0]  # (C_out,)
+        keep = pi > 0 if f.threshold <= 0 else pi >= f.threshold  # a zero scale keeps nothing
         key = (in_key, keep.cpu().numpy().tobytes())
-        entry = slices.get(key)
+        entry = f.slices.get(key)
         if entry is None:
-            entry = slices[key] = self._slice(w, b, torch.nonzero(keep).squeeze(1), incoming, key[1], slices)
+            entry = f.slice(torch.nonzero(keep).squeeze(1), incoming, key)
+            self.__dict__["slice_misses"] += 1
         kept, w, b = entry
         if len(kept.index) and x.shape[1]:
             y = self._conv_forward(x, w, b)
@@ -226,26 +270,15 @@ class GatedConv2d(DynamicModule, nn.Conv2d):
         if relu:  # relu(a) * s == relu(a * s) for s > 0: scale after the ReLU, as the masked BN output would be
             y = y.relu_()
         y = y.mul_(pi.index_select(0, kept.index).view(-1, 1, 1))
-        # the same records as forward(); the mask and the MACs are built only when read, out of measured latency
-        self.last_saliency, self.last_kept = pi[None], kept.index
-        self.last_mask = lambda: torch.zeros_like(pi).index_copy_(0, kept.index, pi.index_select(0, kept.index))[None]
+        # the same records as forward(); the mask and the MACs are built only when read, out of measured latency.
+        # Written to __dict__: they are plain attributes, and nn.Module.__setattr__ costs microseconds each.
         prev, shape = self.prev, (self.in_channels, hw, y.shape[2] * y.shape[3])
-        self.record_lazy(lambda: self._costs(self.last_mask, prev.last_mask if prev is not None else None, *shape))
+        self.__dict__.update(
+            last_saliency=pi[None], last_kept=kept.index,
+            _last_mask=lambda: torch.zeros_like(pi).index_copy_(0, kept.index, pi.index_select(0, kept.index))[None],
+            _record=lambda: self._costs(self.last_mask, prev.last_mask if prev is not None else None, *shape),
+        )  # fmt: skip
         return y, kept
-
-    def _slice(self, w: Tensor, b: Tensor, kept: Tensor, incoming: Kept | None, key: bytes, slices: dict):
-        """(Kept, weight (k_out, k_in, kh, kw), bias (k_out,)) of the folded conv on kept inputs and outputs."""
-        self.slice_misses = getattr(self, "slice_misses", 0) + 1
-        if sum(e[1].numel() for e in slices.values() if isinstance(e, tuple)) > SLICE_CACHE_WEIGHTS * w.numel():
-            slices.clear()  # rare: only gates that choose many sets get here; simpler than LRU and as bounded
-        if incoming is None:
-            w = w.index_select(0, kept)
-        elif w.numel() < ONE_PASS_GATHER:
-            w = w.index_select(0, kept).index_select(1, incoming.index)
-        else:  # one gather of the (out, in) filter pairs: on wide layers two passes cost more than the kept conv
-            pairs = (kept[:, None] * w.shape[1] + incoming.index).flatten()
-            w = w.flatten(0, 1).index_select(0, pairs).view(len(kept), len(incoming.index), *w.shape[2:])
-        return Kept(kept, key), w, b.index_select(0, kept)
 
     def _costs(self, mask: Tensor, in_mask: Tensor | None, c_in: int, hw_in: int, hw_out: int):
         kept_out = (mask > 0).sum(1).cpu().to(torch.float64)

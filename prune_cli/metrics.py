@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,38 +64,50 @@ class Latency:
 
 @torch.no_grad()
 def measure_latency(
-    model: nn.Module,
+    model: nn.Module | Callable[[Tensor], Tensor],
     input_shape: tuple[int, ...],
     batch: int = 1,
     *,
+    pool: Tensor | None = None,
     repeats: int | None = None,
     warmup: int = 3,
     max_seconds: float = 2.0,
     device: torch.device | None = None,
 ) -> Latency:
-    """Median and 10th/90th percentile of the forward time of `model` on a random batch of `input_shape` (C, H, W).
+    """Median and 10th/90th percentile of the forward time of `model` at batch size `batch`.
 
-    Runs `warmup` passes first, then `repeats` timed passes (by default as many as fit in `max_seconds`, at least 5).
+    pool: (N, C, H, W) images on the device; the passes take its consecutive batches in turn, as a dynamic model's
+    cost depends on its input (and a repeated input would only ever hit its caches). None: one random batch of
+    `input_shape` (C, H, W), enough for a static model. Runs `warmup` passes first, then `repeats` timed passes (by
+    default as many as fit in `max_seconds`, at least 5, at most 1000). `model` may be any callable when `pool`
+    or `device` says where to run.
     """
-    device = device or next(model.parameters()).device
-    model.eval()
-    x = torch.randn(batch, *input_shape, device=device)
+    if isinstance(model, nn.Module):
+        model.eval()
+    if pool is None:
+        device = device or next(model.parameters()).device
+        pool = torch.randn(batch, *input_shape, device=device)
+    elif len(pool) < batch:  # fewer images than a batch: repeat them
+        pool = pool.repeat(-(-batch // len(pool)), *([1] * (pool.dim() - 1)))
+    device = pool.device
+    batches = [pool[i : i + batch] for i in range(0, len(pool) - batch + 1, batch)]
 
-    def once() -> float:
+    def once(i: int) -> float:
+        xb = batches[i % len(batches)]
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        model(x)
+        model(xb)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    for _ in range(warmup):
-        once()
+    for i in range(warmup):
+        once(i)
     times: list[float] = []
     budget_end = time.perf_counter() + max_seconds
     while True:
-        times.append(once())
+        times.append(once(warmup + len(times)))
         if repeats is not None:
             if len(times) >= repeats:
                 break

@@ -10,8 +10,6 @@ extractor and router on B and each subgraph on the images routed to it, as a rou
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,34 +162,6 @@ def evaluate(
     }
 
 
-@torch.no_grad()
-def latency(
-    fn: Callable[[Tensor], Tensor], pool: Tensor, batch: int, *, warmup: int = 3, max_seconds: float = 2.0
-) -> metrics.Latency:
-    """Median and p10/p90 wall time of fn on consecutive batches of real images `pool` (already on the device)."""
-    device = pool.device
-    starts = list(range(0, max(1, len(pool) - batch + 1), batch)) or [0]
-
-    def once(i: int) -> float:
-        xb = pool[starts[i % len(starts)] :][:batch]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn(xb)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    for i in range(warmup):
-        once(i)
-    times, end = [], time.perf_counter() + max_seconds
-    while len(times) < 5 or (time.perf_counter() < end and len(times) < 1000):
-        times.append(once(len(times)))
-    q = statistics.quantiles(times, n=10)
-    return metrics.Latency(batch, statistics.median(times) * 1e3, q[0] * 1e3, q[-1] * 1e3, len(times),
-                           torch.get_num_threads(), str(device))  # fmt: skip
-
-
 def latencies(
     s: Sinf, split: D.Split, splits: D.Splits, batches: Sequence[int], *, device: torch.device, max_seconds: float = 2.0
 ) -> dict[str, float]:
@@ -200,7 +170,7 @@ def latencies(
     out: dict[str, float] = {}
     for b in batches:
         for name, fn in (("base", s.base), ("sinf", s.model)):
-            lat = latency(fn, pool, b, max_seconds=max_seconds)
+            lat = metrics.measure_latency(fn, tuple(pool.shape[1:]), b, pool=pool, max_seconds=max_seconds)
             out[f"{name}_latency_b{b}_ms"] = lat.median_ms
             out[f"{name}_latency_b{b}_spread_ms"] = lat.spread_ms
     return out

@@ -103,3 +103,33 @@ def test_surgery_reads_dynamic_convs_as_their_base_layers():
     for model in (hashed, gated):
         assert is_dynamic(model)
         assert [(g.id, g.size, g.members) for g in channel_groups(model, x)] == want
+
+
+class Recorder(nn.Module):
+    """Remembers every batch it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        self.seen.append(x.clone())
+        return x
+
+
+def test_latency_takes_the_pool_batch_by_batch():
+    """A dynamic model's time depends on its input: the latency passes walk through the given images in turn
+    (a repeated input would only ever hit caches); a pool smaller than a batch is repeated to fill it."""
+    pool = torch.arange(10.0).view(10, 1, 1, 1)
+    m = Recorder()
+    lat = metrics.measure_latency(m, (1, 1, 1), 2, pool=pool, repeats=7, warmup=3)
+    assert lat.repeats == 7 and len(m.seen) == 10
+    firsts = [int(b[0]) for b in m.seen]
+    assert firsts == [0, 2, 4, 6, 8, 0, 2, 4, 6, 8] and all(len(b) == 2 for b in m.seen)
+    m.seen.clear()
+    metrics.measure_latency(m, (1, 1, 1), 4, pool=pool[:3], repeats=2, warmup=0)
+    assert [b.flatten().tolist() for b in m.seen] == [[0, 1, 2, 0]] * 2
+    m.seen.clear()
+    metrics.measure_latency(m, (1, 1, 1), 3, repeats=2, warmup=0)  # no pool: one random batch, repeated
+    assert m.seen[0].shape == (3, 1, 1, 1) and torch.equal(m.seen[0], m.seen[1])

@@ -152,8 +152,8 @@ def measure(
     if dynamic.is_dynamic(model):  # the cost depends on the input: average the executed MACs over test images
         per_input, overhead = metrics.per_input_macs(model, D.to_float(splits.test.x[:1024], splits, device=device))
         out.update(macs=float(per_input.mean()), macs_std=float(per_input.std()), overhead_macs=float(overhead.mean()))
-    # Real, varied images: a dynamic model's time depends on them. 256 images give batch 1 as many distinct inputs
-    # as it usually runs passes; a larger batch size gets at least two batches.
+    # Real, varied images: a dynamic model's time depends on them (and on its caches, which one repeated input would
+    # always hit). At batch 1 an image comes back after 255 others; a larger batch size gets at least two batches.
     n = max(256, 2 * max(latency_batches, default=1))
     pool = D.to_float(splits.test.x[:n], splits, device=device)
     for b in latency_batches:

@@ -115,7 +115,7 @@ def latency_one(args, arch: str | None) -> dict:
     print(f"inputs: {source}; {torch.get_num_threads()} threads; {len(x)} inputs; batch 1")
     layers = manidp.gated_layers(gated)
     steps = len(layers) * (3 + args.rounds * args.per_round)  # compact steps timed, warm-up included
-    slices = sum(getattr(c, "slice_misses", 0) for c in layers)
+    slices = sum(c.slice_misses for c in layers)
     print(f"ManiDP: {slices} kept-set weight slices built over {steps} compact steps ({slices / steps:.1%})")
     print(f"dense: {dense_macs / 1e6:.2f} MMACs, {ms['dense']:.3f} ms; BatchNorm folded {ms['dense_folded']:.3f} ms")
     labels = {"haste": f"HASTE (L={hashed.extra['hyperplanes']}, search target -{args.target:.0%})",

@@ -94,9 +94,10 @@ def prune(
         old = model.get_submodule(name)
         tensors, sizes[name] = ops.shrink(old, masks.get((name, "out")), masks.get((name, "in")))
         for attr, value in tensors.items():
-            if id(getattr(old, attr)) in memo:
+            key = id(getattr(old, attr))
+            if key in memo:
                 raise UnsupportedGraph(f"{name}.{attr} is shared with another layer; tied weights cannot be pruned")
-            memo[id(getattr(old, attr))] = value
+            memo[key] = value
     new = copy.deepcopy(model, memo)
     for name, attrs in sizes.items():
         module = new.get_submodule(name)

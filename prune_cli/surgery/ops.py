@@ -45,11 +45,13 @@ def _kept(m: nn.Module, cuts: dict[str, tuple[Tensor | None, Tensor | None]]) ->
         src = getattr(m, name)
         if src is None:
             continue
-        value = src.detach() if rows is not None or cols is not None else src.detach().clone()  # the copy owns it
+        value = src.detach()
         if rows is not None:
             value = value.index_select(0, rows.to(src.device))
         if cols is not None:
             value = value.index_select(1, cols.to(src.device))
+        if rows is None and cols is None:
+            value = value.clone()  # an uncut tensor (a bias when only inputs go): the copy must own it
         out[name] = nn.Parameter(value, requires_grad=src.requires_grad) if isinstance(src, nn.Parameter) else value
     return out
 

@@ -3,13 +3,17 @@
 Every cell prunes the same base model with the same selection, scope, fine-tuning budget and measurement code;
 only the criterion differs, which is what makes the leaderboard fair. Finished cells (a trusted record with the
 same key) are skipped, so a re-run recomputes nothing and an interrupted run resumes where it stopped.
-`jobs > 1` runs cells in separate processes, with the CPU threads divided between them.
+`jobs > 1` runs cells in separate processes, with the CPU threads divided between them. Processes that run at
+once on a CPU slow each other down, so those workers do not time latency: each leaves its record and pruned model
+in `<out>/pending/`, and when the grid has finished this process times them one at a time, the base beside each,
+then files the records. A pending cell survives an interruption and is timed by the next run.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import datetime as dt
+import json
 import multiprocessing
 import os
 import platform
@@ -24,7 +28,11 @@ import torch
 from prune_cli import __version__, engine, pipeline, pruning
 from prune_cli.errors import BadModelFile, BadValue
 from prune_cli.experiment import Cell, Experiment, config_key, file_digest
+from prune_cli.io import write_text
+from prune_cli.modelfile import load_model
 from prune_cli.store import CorruptRecord, Store
+
+PENDING = "pending"  # <out>/pending/<key>.json and .safetensors: a cell run by a worker, its latency not yet timed
 
 
 @dataclass
@@ -87,8 +95,9 @@ def run_grid(
         except CorruptRecord as exc:
             corrupt.append(str(exc))
             warn(f"corrupt run record {exc}; running that cell again")
-    pending = {k: c for c, k in zip(cells, keys, strict=True) if k not in done}  # two labels, one config: once
-    todo = [(c, k) for k, c in pending.items()]
+    untimed = [k for k in dict.fromkeys(keys) if k not in done and _pending(exp, k) is not None]
+    waiting = {k: c for c, k in zip(cells, keys, strict=True) if k not in done and k not in untimed}
+    todo = [(c, k) for k, c in waiting.items()]  # two labels, one config: run once
     log(f"{exp.name}: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run -> {exp.out_dir}")
 
     args = dict(exp=exp, base_file=str(base_file), digest=digest, device=str(device))
@@ -103,15 +112,19 @@ def run_grid(
         log(f"running {len(todo)} cells in {jobs} processes with {threads} thread(s) each")
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked OpenMP or torch state
         with cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
-            futures = {pool.submit(run_cell, cell, key, **args): key for cell, key in todo}
+            futures = {pool.submit(run_cell, cell, key, **args, defer_latency=True): key for cell, key in todo}
             advance = reporter.counter("cells", len(todo)) if reporter is not None else (lambda n=1: None)
             try:
                 for fut in cf.as_completed(futures):
-                    done[futures[fut]] = fut.result()
+                    fut.result()
+                    untimed.append(futures[fut])
                     advance(1)
             except BaseException:
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
+    if untimed:  # in grid order
+        untimed_keys = [k for k in dict.fromkeys(keys) if k in untimed]
+        done.update(time_pending(exp, untimed_keys, base_file, device, reporter, log))
     return GridResult([done[k] for k in dict.fromkeys(keys)], len(todo), len(cells) - len(todo), corrupt, base_file)
 
 
@@ -121,14 +134,15 @@ def _init_worker(threads: int) -> None:
 
 def run_cell(
     cell: Cell, key: str, *, exp: Experiment, base_file: str, digest: str, device: str, reporter: Any = None,
-    log: Callable[[str], None] = lambda m: None,
+    log: Callable[[str], None] = lambda m: None, defer_latency: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
-    """Run one cell and store its record (atomically, when it has finished)."""
+    """Run one cell and store its record (atomically, when it has finished); with `defer_latency`, leave the record
+    and the pruned model in the pending folder, untimed, for `time_pending`."""
     t0 = time.perf_counter()
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     outcome = pruning.run(
         base_file, cell.job, dataset=exp.dataset, data_dir=Path(exp.data_dir) if exp.data_dir else None,
-        device=torch.device(device), reporter=reporter, log=log,
+        device=torch.device(device), reporter=reporter, log=log, time_latency=not defer_latency,
     )  # fmt: skip
     s = outcome.summary()
     record = {
@@ -154,8 +168,53 @@ def run_cell(
         "started": started,
         "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    Store(exp.out_dir).save(record)
+    if defer_latency:  # the model first: a pending record is only read when its model is there too
+        pruning.save(outcome, exp.out_dir / PENDING / f"{key}.safetensors")
+        write_text(exp.out_dir / PENDING / f"{key}.json", json.dumps(record, default=str))
+    else:
+        Store(exp.out_dir).save(record)
     return record
+
+
+def _pending(exp: Experiment, key: str) -> tuple[dict[str, Any], Path] | None:
+    """The untimed record and model file a worker left for `key`, or None (then the cell runs again)."""
+    folder = exp.out_dir / PENDING
+    model_file = folder / f"{key}.safetensors"
+    try:
+        record = json.loads((folder / f"{key}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return (record, model_file) if model_file.is_file() and record.get("key") == key else None
+
+
+def time_pending(
+    exp: Experiment, keys: list[str], base_file: Path, device: torch.device, reporter: Any = None,
+    log: Callable[[str], None] = lambda m: None,
+) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Time the base and each pending cell's model in turn in this process, then store their records."""
+    log(f"timing {len(keys)} pruned models and the base, one at a time")
+    store, folder = Store(exp.out_dir), exp.out_dir / PENDING
+    data_dir = Path(exp.data_dir) if exp.data_dir else None
+    base, _, splits = pipeline.load_model_and_data(base_file, exp.dataset, data_dir, device=device)
+    advance = reporter.counter("latency", len(keys)) if reporter is not None else (lambda n=1: None)
+    timed = {}
+    for key in keys:
+        found = _pending(exp, key)
+        if found is None:  # deleted by hand while this ran
+            raise BadValue(f"the untimed run record of cell {key} disappeared from {folder}; run compare again")
+        record, model_file = found
+        job = record["config"]["job"]
+        kw = dict(latency_batches=job["latency_batches"], device=device, latency_seconds=job["latency_seconds"])
+        record["before"].update(pipeline.time_latency(base, splits, **kw))
+        record["after"].update(pipeline.time_latency(load_model(model_file, device).eval(), splits, **kw))
+        store.save(record)
+        timed[key] = record
+        model_file.unlink()
+        (folder / f"{key}.json").unlink()
+        advance(1)
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+    return timed
 
 
 def versions() -> dict[str, str]:

@@ -142,8 +142,7 @@ def measure(
     model: nn.Module, splits: D.Splits, *, latency_batches: Sequence[int] = (1, 64), device: torch.device | None = None,
     latency_seconds: float = 2.0,
 ) -> dict[str, Any]:  # fmt: skip
-    """Parameters, MACs per image, and latency at each batch size (median ms, p10-p90 spread, timed for about
-    `latency_seconds` per batch size on consecutive batches of test images)."""
+    """Parameters, MACs per image, and latency at each batch size (see `time_latency`)."""
     from prune_cli import dynamic
 
     device = device or next(model.parameters()).device
@@ -152,12 +151,25 @@ def measure(
     if dynamic.is_dynamic(model):  # the cost depends on the input: average the executed MACs over test images
         per_input, overhead = metrics.per_input_macs(model, D.to_float(splits.test.x[:1024], splits, device=device))
         out.update(macs=float(per_input.mean()), macs_std=float(per_input.std()), overhead_macs=float(overhead.mean()))
+    out.update(time_latency(model, splits, latency_batches=latency_batches, device=device,
+                            latency_seconds=latency_seconds))  # fmt: skip
+    return out
+
+
+def time_latency(
+    model: nn.Module, splits: D.Splits, *, latency_batches: Sequence[int] = (1, 64), device: torch.device | None = None,
+    latency_seconds: float = 2.0,
+) -> dict[str, Any]:  # fmt: skip
+    """Latency at each batch size (median ms, p10-p90 spread, timed for about `latency_seconds` per batch size on
+    consecutive batches of test images), with the threads, device and load average it was timed under."""
+    device = device or next(model.parameters()).device
+    out: dict[str, Any] = {}
     # Real, varied images: a dynamic model's time depends on them (and on its caches, which one repeated input would
     # always hit). At batch 1 an image comes back after 255 others; a larger batch size gets at least two batches.
     n = max(256, 2 * max(latency_batches, default=1))
     pool = D.to_float(splits.test.x[:n], splits, device=device)
     for b in latency_batches:
-        lat = metrics.measure_latency(model, tuple(x.shape[1:]), b, pool=pool, max_seconds=latency_seconds)
+        lat = metrics.measure_latency(model, tuple(pool.shape[1:]), b, pool=pool, max_seconds=latency_seconds)
         out[f"latency_b{b}_ms"] = lat.median_ms
         out[f"latency_b{b}_spread_ms"] = lat.spread_ms
     out["threads"] = torch.get_num_threads()

@@ -153,13 +153,15 @@ def plan_from_result(result: Result, ctx: Context, job: PruneJob) -> tuple[dict,
 def run(
     model_file: str | Path, job: PruneJob, *, dataset: str | None = None, data_dir: Path | None = None,
     device: torch.device | None = None, reporter: engine.Reporter | None = None,
-    log: Callable[[str], None] = lambda m: None,
+    log: Callable[[str], None] = lambda m: None, time_latency: bool = True,
 ) -> Outcome:  # fmt: skip
-    """Prune the model in `model_file` as `job` says; return the pruned model and before/after measurements."""
+    """Prune the model in `model_file` as `job` says; return the pruned model and before/after measurements
+    (without latency if not `time_latency`: `compare` times the models of its worker processes later, one by one)."""
     device = device or engine.default_device()
     base, dataset, splits = pipeline.load_model_and_data(model_file, dataset, data_dir, seed=job.seed, device=device)
     criterion = build_criterion(job.criterion, job.options)
-    before = _measure(base, splits, job, device, top1=_base_top1(model_file, dataset, base, splits, device))
+    batches = job.latency_batches if time_latency else ()
+    before = _measure(base, splits, batches, job, device, top1=_base_top1(model_file, dataset, base, splits, device))
     example = pipeline.example_input(splits).to(device)
 
     t0 = time.perf_counter()
@@ -200,7 +202,7 @@ def run(
         history = engine.train(pruned, splits, cfg, hooks=hooks, device=device, reporter=reporter, log=log).history
     finetune_s = time.perf_counter() - t2
 
-    after = _measure(pruned, splits, job, device, top1=None if job.finetune_epochs else top1_before_ft)
+    after = _measure(pruned, splits, batches, job, device, top1=None if job.finetune_epochs else top1_before_ft)
     after["top1_before_finetune"] = top1_before_ft
     if isinstance(result, Dynamic):
         target_report["achieved"] = 1 - after["macs"] / before["macs"]
@@ -225,12 +227,13 @@ def save(outcome: Outcome, path: Path) -> Path:
 
 
 def _measure(
-    model: nn.Module, splits: D.Splits, job: PruneJob, device: torch.device, top1: float | None = None
-) -> dict[str, Any]:
-    """Top-1 on the test split (unless already known), params, MACs and latency, measured now."""
+    model: nn.Module, splits: D.Splits, batches: tuple[int, ...], job: PruneJob, device: torch.device,
+    top1: float | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Top-1 on the test split (unless already known), params, MACs and latency at `batches`, measured now."""
     out = {"top1": top1 if top1 is not None else engine.evaluate(model, splits.test, splits, device=device).top1}
     out.update(pipeline.measure(
-        model, splits, latency_batches=job.latency_batches, device=device, latency_seconds=job.latency_seconds
+        model, splits, latency_batches=batches, device=device, latency_seconds=job.latency_seconds
     ))  # fmt: skip
     return out
 

@@ -17,6 +17,8 @@ from typer.testing import CliRunner
 from prune_cli import report
 from prune_cli.api import list_criteria
 from prune_cli.cli import app
+from prune_cli.compare import run_cell
+from prune_cli.experiment import config_key, file_digest, load_experiment
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +68,9 @@ def test_grid_writes_every_file_and_one_record_per_cell(grid):
     assert len(records) == 4 and {(r["criterion"], r["seed"]) for r in records} == {
         (c, s) for c in ("l1", "dcs") for s in (0, 1)
     }
+    assert not (out / "pending").exists()  # the workers' untimed cells were timed and filed
     for r in records:
+        assert r["before"]["latency_b1_ms"] > 0 and r["after"]["latency_b1_ms"] > 0
         assert set(r["timings"]) >= {"score_s", "surgery_s", "finetune_s", "total_s"}
         assert r["versions"]["torch"] and r["widths"] and 0.28 <= r["target_report"]["achieved"] <= 0.33
     lb = pd.read_csv(out / "leaderboard.csv")
@@ -128,6 +132,27 @@ def test_interrupted_run_resumes_to_the_same_leaderboard(grid, base, tmp_path):
     full = pd.read_csv(out / "leaderboard.csv")[ACCURACY]
     l1_rows = full[full["criterion"] == "l1"].reset_index(drop=True)
     pd.testing.assert_frame_equal(resumed.reset_index(drop=True), l1_rows)
+
+
+def test_a_cell_left_untimed_by_a_worker_is_timed_by_the_next_run(base, tmp_path):
+    """A worker's cell whose latency was not timed yet (the run was stopped) is timed and filed, not run again."""
+    exp_file = experiment(tmp_path / "l1.yaml", base={"file": str(base)}, criteria=["l1"], seeds=[0])
+    exp = load_experiment(exp_file, {"out": str(tmp_path / "out")})
+    (cell,) = exp.cells()
+    digest = file_digest(base)
+    key = config_key(cell.config(exp.dataset, exp.data_dir, digest))
+    run_cell(cell, key, exp=exp, base_file=str(base), digest=digest, device="cpu", defer_latency=True)
+    pending = tmp_path / "out" / "pending" / f"{key}.json"
+    record = json.loads(pending.read_text())
+    assert "latency_b1_ms" not in record["after"] and not (tmp_path / "out" / "records").exists()
+    record["timings"]["marker"] = 1.0  # survives only if the cell is not run again
+    pending.write_text(json.dumps(record))
+    result = run("compare", exp_file, "--out", tmp_path / "out", "--threads", WORKER_THREADS)
+    assert result.exit_code == 0, result.output
+    assert "0 cells run, 1 reused" in result.output and not pending.parent.exists()
+    filed = json.loads((tmp_path / "out" / "records" / f"{key}.json").read_text())
+    assert filed["timings"]["marker"] == 1.0
+    assert filed["before"]["latency_b1_ms"] > 0 and filed["after"]["latency_b1_ms"] > 0
 
 
 @pytest.mark.parametrize(

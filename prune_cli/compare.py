@@ -5,8 +5,8 @@ only the criterion differs, which is what makes the leaderboard fair. Finished c
 same key) are skipped, so a re-run recomputes nothing and an interrupted run resumes where it stopped.
 `jobs > 1` runs cells in separate processes, with the CPU threads divided between them. Processes that run at
 once on a CPU slow each other down, so those workers do not time latency: each leaves its record and pruned model
-in `<out>/pending/`, and when the grid has finished this process times them one at a time, the base beside each,
-then files the records. A pending cell survives an interruption and is timed by the next run.
+in `<out>/pending/`, and when the grid has finished this process times them one at a time, each taking turns with
+the base, then files the records. A pending cell survives an interruption and is timed by the next run.
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def time_pending(
     log: Callable[[str], None] = lambda m: None,
 ) -> dict[str, dict[str, Any]]:  # fmt: skip
     """Time the base and each pending cell's model in turn in this process, then store their records."""
-    log(f"timing {len(keys)} pruned models and the base, one at a time")
+    log(f"timing {len(keys)} pruned models, one at a time, each taking turns with the base")
     store, folder = Store(exp.out_dir), exp.out_dir / PENDING
     data_dir = Path(exp.data_dir) if exp.data_dir else None
     base, _, splits = pipeline.load_model_and_data(base_file, exp.dataset, data_dir, device=device)
@@ -205,8 +205,9 @@ def time_pending(
         record, model_file = found
         job = record["config"]["job"]
         kw = dict(latency_batches=job["latency_batches"], device=device, latency_seconds=job["latency_seconds"])
-        record["before"].update(pipeline.time_latency(base, splits, **kw))
-        record["after"].update(pipeline.time_latency(load_model(model_file, device).eval(), splits, **kw))
+        before, after = pipeline.time_side_by_side([base, load_model(model_file, device).eval()], splits, **kw)
+        record["before"].update(before)
+        record["after"].update(after)
         store.save(record)
         timed[key] = record
         model_file.unlink()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -142,7 +143,7 @@ def measure(
     model: nn.Module, splits: D.Splits, *, latency_batches: Sequence[int] = (1, 64), device: torch.device | None = None,
     latency_seconds: float = 2.0,
 ) -> dict[str, Any]:  # fmt: skip
-    """Parameters, MACs per image, and latency at each batch size (see `time_latency`)."""
+    """Parameters, MACs per image, and latency at each batch size (see `time_side_by_side`)."""
     from prune_cli import dynamic
 
     device = device or next(model.parameters()).device
@@ -151,38 +152,50 @@ def measure(
     if dynamic.is_dynamic(model):  # the cost depends on the input: average the executed MACs over test images
         per_input, overhead = metrics.per_input_macs(model, D.to_float(splits.test.x[:1024], splits, device=device))
         out.update(macs=float(per_input.mean()), macs_std=float(per_input.std()), overhead_macs=float(overhead.mean()))
-    out.update(time_latency(model, splits, latency_batches=latency_batches, device=device,
-                            latency_seconds=latency_seconds))  # fmt: skip
+    out.update(time_side_by_side([model], splits, latency_batches=latency_batches, device=device,
+                                 latency_seconds=latency_seconds, rounds=1)[0])  # fmt: skip
     return out
 
 
-def time_latency(
-    model: nn.Module, splits: D.Splits, *, latency_batches: Sequence[int] = (1, 64), device: torch.device | None = None,
-    latency_seconds: float = 2.0,
-) -> dict[str, Any]:  # fmt: skip
-    """Latency at each batch size (median ms, p10-p90 spread, timed for about `latency_seconds` per batch size on
-    consecutive batches of test images), with the threads, device and load average it was timed under."""
-    device = device or next(model.parameters()).device
-    out: dict[str, Any] = {}
+def time_side_by_side(
+    models: Sequence[nn.Module], splits: D.Splits, *, latency_batches: Sequence[int] = (1, 64),
+    device: torch.device | None = None, latency_seconds: float = 2.0, rounds: int = 4,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Latency of each model at each batch size (median ms, p10-p90 spread, on consecutive batches of test images),
+    with the threads, device and load average it was timed under.
+
+    The models take turns: `rounds` turns each of about `latency_seconds / rounds` per batch size, and each figure is
+    the median of its turns. A CPU's speed drifts (on the 2-core VM of the README a ResNet-20 at batch 1 reads 2 ms
+    or 5 ms, minutes apart); turns that alternate share the drift, so the ratio of two models stays true.
+    """
+    device = device or next(models[0].parameters()).device
     # Real, varied images: a dynamic model's time depends on them (and on its caches, which one repeated input would
     # always hit). At batch 1 an image comes back after 255 others; a larger batch size gets at least two batches.
     n = max(256, 2 * max(latency_batches, default=1))
     pool = D.to_float(splits.test.x[:n], splits, device=device)
+    out: list[dict[str, Any]] = [{} for _ in models]
     for b in latency_batches:
-        lat = metrics.measure_latency(model, tuple(pool.shape[1:]), b, pool=pool, max_seconds=latency_seconds)
-        out[f"latency_b{b}_ms"] = lat.median_ms
-        out[f"latency_b{b}_spread_ms"] = lat.spread_ms
-    out["threads"] = torch.get_num_threads()
-    out["device"] = str(device)
+        turns: list[list[metrics.Latency]] = [[] for _ in models]
+        for _ in range(rounds):
+            for model, times in zip(models, turns, strict=True):
+                times.append(metrics.measure_latency(model, tuple(pool.shape[1:]), b, pool=pool,
+                                                     max_seconds=latency_seconds / rounds))  # fmt: skip
+        for fields, times in zip(out, turns, strict=True):
+            fields[f"latency_b{b}_ms"] = statistics.median(t.median_ms for t in times)
+            fields[f"latency_b{b}_spread_ms"] = statistics.median(t.spread_ms for t in times)
     # Other busy processes make CPU latency meaningless (threads wait for each other's time slices): record it.
-    out["load_average"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    for fields in out:
+        fields.update(threads=torch.get_num_threads(), device=str(device), load_average=load)
     return out
 
 
 def busy_machine_warning(measured: dict[str, Any]) -> str | None:
-    """A warning when the machine was busier than its cores while latency was measured, else None."""
+    """A warning when the machine was busier than its cores while latency was measured, else None. The load average
+    counts the timing process's own threads (one process timing on every core reads about the number of cores), so
+    it takes half a core more to warn."""
     load, cores = measured.get("load_average"), os.cpu_count() or 1
-    if load is not None and measured.get("device") == "cpu" and load > cores:
+    if load is not None and measured.get("device") == "cpu" and load > cores + 0.5:
         return (f"the machine was busy while timing (load average {load:.1f} on {cores} cores): "
                 "latency figures are unreliable; rerun on an idle machine")  # fmt: skip
     return None

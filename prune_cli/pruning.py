@@ -160,8 +160,7 @@ def run(
     device = device or engine.default_device()
     base, dataset, splits = pipeline.load_model_and_data(model_file, dataset, data_dir, seed=job.seed, device=device)
     criterion = build_criterion(job.criterion, job.options)
-    batches = job.latency_batches if time_latency else ()
-    before = _measure(base, splits, batches, job, device, top1=_base_top1(model_file, dataset, base, splits, device))
+    before = _measure(base, splits, device, top1=_base_top1(model_file, dataset, base, splits, device))
     example = pipeline.example_input(splits).to(device)
 
     t0 = time.perf_counter()
@@ -202,8 +201,15 @@ def run(
         history = engine.train(pruned, splits, cfg, hooks=hooks, device=device, reporter=reporter, log=log).history
     finetune_s = time.perf_counter() - t2
 
-    after = _measure(pruned, splits, batches, job, device, top1=None if job.finetune_epochs else top1_before_ft)
+    after = _measure(pruned, splits, device, top1=None if job.finetune_epochs else top1_before_ft)
     after["top1_before_finetune"] = top1_before_ft
+    if time_latency:  # both now, taking turns: timed minutes apart, the CPU's drifting speed would enter the ratio
+        lat_before, lat_after = pipeline.time_side_by_side(
+            [base, pruned], splits, latency_batches=job.latency_batches, device=device,
+            latency_seconds=job.latency_seconds,
+        )  # fmt: skip
+        before.update(lat_before)
+        after.update(lat_after)
     if isinstance(result, Dynamic):
         target_report["achieved"] = 1 - after["macs"] / before["macs"]
     return Outcome(
@@ -226,20 +232,15 @@ def save(outcome: Outcome, path: Path) -> Path:
     )  # fmt: skip
 
 
-def _measure(
-    model: nn.Module, splits: D.Splits, batches: tuple[int, ...], job: PruneJob, device: torch.device,
-    top1: float | None = None,
-) -> dict[str, Any]:  # fmt: skip
-    """Top-1 on the test split (unless already known), params, MACs and latency at `batches`, measured now."""
+def _measure(model: nn.Module, splits: D.Splits, device: torch.device, top1: float | None = None) -> dict[str, Any]:
+    """Top-1 on the test split (unless already known), params and MACs (latency: `pipeline.time_side_by_side`)."""
     out = {"top1": top1 if top1 is not None else engine.evaluate(model, splits.test, splits, device=device).top1}
-    out.update(pipeline.measure(
-        model, splits, latency_batches=batches, device=device, latency_seconds=job.latency_seconds
-    ))  # fmt: skip
+    out.update(pipeline.measure(model, splits, latency_batches=(), device=device))
     return out
 
 
 # The base model's test top-1 is deterministic: evaluate it once per process and file, not once per grid cell.
-# Latency is still measured in every run, next to the pruned model's, since the machine's load changes.
+# Latency is still measured in every run, taking turns with the pruned model's, since the machine's speed drifts.
 _BASE_TOP1: dict[tuple, float] = {}
 
 

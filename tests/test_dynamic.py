@@ -1,12 +1,15 @@
 """The shared per-input cost protocol of dynamic models (prune_cli.dynamic)."""
 
+import itertools
+
 import pytest
 import torch
 from helpers import concat_net
 from torch import fx, nn
 
 import models
-from prune_cli import dynamic, metrics
+from prune_cli import dynamic, metrics, pipeline
+from prune_cli.data import load_dataset, make_splits
 from prune_cli.dynamic import DynamicModule, DynamicTracer, is_dynamic, per_input_macs
 from prune_cli.errors import UnsupportedGraph
 from prune_cli.surgery import channel_groups
@@ -133,3 +136,24 @@ def test_latency_takes_the_pool_batch_by_batch():
     m.seen.clear()
     metrics.measure_latency(m, (1, 1, 1), 3, repeats=2, warmup=0)  # no pool: one random batch, repeated
     assert m.seen[0].shape == (3, 1, 1, 1) and torch.equal(m.seen[0], m.seen[1])
+
+
+def test_models_timed_side_by_side_take_turns():
+    """Latencies to be compared are timed in alternating turns, so a drift of the CPU's speed reaches both alike."""
+    splits = make_splits(load_dataset("digits"))
+    order = []
+
+    class Named(nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name, self.w = name, nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            order.append(self.name)
+            return x
+
+    out = pipeline.time_side_by_side(
+        [Named("a"), Named("b")], splits, latency_batches=(1, 4), latency_seconds=0.01, rounds=3
+    )
+    assert [name for name, _ in itertools.groupby(order)] == ["a", "b"] * 6  # 3 turns each per batch size
+    assert all(set(o) >= {"latency_b1_ms", "latency_b4_ms", "threads", "load_average"} for o in out)

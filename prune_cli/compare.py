@@ -95,7 +95,7 @@ def run_grid(
         except CorruptRecord as exc:
             corrupt.append(str(exc))
             warn(f"corrupt run record {exc}; running that cell again")
-    untimed = [k for k in dict.fromkeys(keys) if k not in done and _pending(exp, k) is not None]
+    untimed = {k for k in keys if k not in done and _pending(exp, k) is not None}
     waiting = {k: c for c, k in zip(cells, keys, strict=True) if k not in done and k not in untimed}
     todo = [(c, k) for k, c in waiting.items()]  # two labels, one config: run once
     log(f"{exp.name}: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run -> {exp.out_dir}")
@@ -117,14 +117,14 @@ def run_grid(
             try:
                 for fut in cf.as_completed(futures):
                     fut.result()
-                    untimed.append(futures[fut])
+                    untimed.add(futures[fut])
                     advance(1)
             except BaseException:
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
-    if untimed:  # in grid order
-        untimed_keys = [k for k in dict.fromkeys(keys) if k in untimed]
-        done.update(time_pending(exp, untimed_keys, base_file, device, reporter, log))
+    if untimed:
+        ordered = [k for k in dict.fromkeys(keys) if k in untimed]  # grid order
+        done.update(time_pending(exp, ordered, base_file, device, reporter, log))
     return GridResult([done[k] for k in dict.fromkeys(keys)], len(todo), len(cells) - len(todo), corrupt, base_file)
 
 

@@ -171,9 +171,10 @@ def time_side_by_side(
     device = device or next(models[0].parameters()).device
     # Real, varied images: a dynamic model's time depends on them (and on its caches, which one repeated input would
     # always hit). At batch 1 an image comes back after 255 others; a larger batch size gets at least two batches.
-    n = max(256, 2 * max(latency_batches, default=1))
-    pool = D.to_float(splits.test.x[:n], splits, device=device)
     out: list[dict[str, Any]] = [{} for _ in models]
+    if latency_batches:
+        n = max(256, 2 * max(latency_batches))
+        pool = D.to_float(splits.test.x[:n], splits, device=device)
     for b in latency_batches:
         turns: list[list[metrics.Latency]] = [[] for _ in models]
         for _ in range(rounds):

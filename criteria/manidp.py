@@ -71,6 +71,7 @@ from models.resnet import BasicBlock, Bottleneck
 from models.vgg import VGG
 from prune_cli.api import Context, Criterion, Dynamic, TrainHooks, register_criterion
 from prune_cli.dynamic import DynamicModule
+from prune_cli import surgery
 from prune_cli.errors import BadValue
 
 THRESHOLD_INIT = -10000.0
@@ -306,8 +307,15 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
 
 
 def _compact_ok(x: object, module: nn.Module) -> bool:
-    """Compact batch-1 inference applies: one real input, eval mode, no autograd (folded weights are detached)."""
-    return isinstance(x, Tensor) and x.shape[0] == 1 and not module.training and not torch.is_grad_enabled()
+    """Compact batch-1 inference applies: one real input, eval mode, no autograd (folded weights are detached), and
+    not the channel analysis, which must see every channel."""
+    return (
+        isinstance(x, Tensor)
+        and x.shape[0] == 1
+        and not module.training
+        and not torch.is_grad_enabled()
+        and not surgery.analysing()
+    )
 
 
 class GatedBasicBlock(BasicBlock):

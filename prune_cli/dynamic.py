@@ -39,8 +39,8 @@ class DynamicModule(nn.Module):
     to keep the accounting out of measured latency, `self.record_lazy(fn)` with `fn() -> (macs, overhead)`
     evaluated when `last_macs` / `last_overhead` is first read."""
 
-    # False: the class is an fx leaf only for `DynamicTracer` (e.g. a module that changes channels in a way
-    # surgery cannot read from its base class).
+    # False: surgery's channel analysis looks inside the class rather than reading it as its base class (e.g. a
+    # module that changes channels in a way its base class does not); it stays an fx leaf for `DynamicTracer`.
     surgery_leaf: ClassVar[bool] = True
     _record: tuple[Tensor, Tensor] | Callable[[], tuple[Tensor, Tensor]] | None = None
 

@@ -1,6 +1,6 @@
 """Physical removal: keep-plan -> a new, smaller model with the same module names.
 
-For every module a removal touches, a boolean mask per dimension ("out", "in") is built from the groups' members
+For every module a removal touches, the kept positions per dimension ("out", "in") come from the groups' members
 (offsets for concatenation, `expand` for flatten -> Linear), then the copy of the module gets its kept slices
 from the per-type function in `ops.py`. The original model is never modified.
 """
@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from prune_cli.api import ChannelGroup
+from prune_cli.api import ChannelGroup, Member
 from prune_cli.errors import PruneCliError, UnsupportedGraph
 from prune_cli.surgery import ops
 from prune_cli.surgery.graph import channel_groups
@@ -48,29 +48,35 @@ def validate_keep(groups: list[ChannelGroup], keep: Mapping[str, Tensor]) -> dic
     return out
 
 
-def masks_for(
+def kept_positions(
     groups: list[ChannelGroup], keep: Mapping[str, Tensor], modules: Mapping[str, nn.Module]
 ) -> dict[tuple[str, str], Tensor]:
-    """(module name, "out"|"in") -> boolean keep mask over that dimension, for every touched module (`modules`:
-    the model's named modules)."""
-    masks: dict[tuple[str, str], Tensor] = {}
+    """(module name, "out"|"in") -> sorted positions kept along that dimension, for every touched module
+    (`modules`: the model's named modules). A dimension that one group covers exactly (no concatenation offset, no
+    flatten expansion: nearly all of them) keeps that group's indices as they are; any other is built as a mask."""
+    touches: dict[tuple[str, str], list[tuple[Member, ChannelGroup]]] = {}
     by_id = {g.id: g for g in groups}
-    for gid, idx in keep.items():
-        g = by_id[gid]
-        removed = torch.ones(g.size, dtype=torch.bool)
-        removed[idx] = False
-        gone = removed.nonzero().flatten()
-        for m in g.members:
+    for gid in keep:
+        for m in by_id[gid].members:
+            for dim in _DIMS[m.kind]:
+                touches.setdefault((m.module, dim), []).append((m, by_id[gid]))
+    kept = {}
+    for (module, dim), pairs in touches.items():
+        size = ops.dim_size(modules[module], dim)
+        (m, g), *more = pairs
+        if not more and m.offset == 0 and m.expand == 1 and g.size == size:
+            kept[module, dim] = keep[g.id]
+            continue
+        mask = torch.ones(size, dtype=torch.bool)
+        for m, g in pairs:
+            removed = torch.ones(g.size, dtype=torch.bool)
+            removed[keep[g.id]] = False
+            gone = removed.nonzero().flatten()
             # channel c owns positions offset + c*expand ... offset + (c+1)*expand - 1 of this dimension
             pos = gone if m.expand == 1 else (gone[:, None] * m.expand + torch.arange(m.expand)).flatten()
-            if m.offset:
-                pos = pos + m.offset
-            for dim in _DIMS[m.kind]:
-                mask = masks.get((m.module, dim))
-                if mask is None:
-                    mask = masks[m.module, dim] = torch.ones(ops.dim_size(modules[m.module], dim), dtype=torch.bool)
-                mask[pos] = False
-    return masks
+            mask[pos + m.offset] = False
+        kept[module, dim] = mask.nonzero().flatten()
+    return kept
 
 
 def prune(
@@ -88,14 +94,14 @@ def prune(
     groups = groups if groups is not None else channel_groups(model, example_input)
     keep = validate_keep(groups, keep)
     modules = dict(model.named_modules())
-    masks = masks_for(groups, keep, modules)
+    kept = kept_positions(groups, keep, modules)
     # The copy takes the kept slices in place of the touched layers' tensors (the memo maps each old tensor to its
     # slice): nothing is copied that is replaced right after, and no layer is rebuilt by its constructor.
     memo: dict[int, object] = {}
     sizes = {}
-    for name in sorted({name for name, _ in masks}):
+    for name in sorted({name for name, _ in kept}):
         old = modules[name]
-        tensors, sizes[name] = ops.shrink(old, masks.get((name, "out")), masks.get((name, "in")))
+        tensors, sizes[name] = ops.shrink(old, kept.get((name, "out")), kept.get((name, "in")))
         for attr, value in tensors.items():
             key = id(getattr(old, attr))
             if key in memo:

@@ -14,25 +14,21 @@ from prune_cli.errors import UnsupportedGraph
 Shrunk = tuple[dict[str, Tensor], dict[str, int]]  # tensor name -> kept slice, size attribute -> new size
 
 
-def _conv(m: nn.Conv2d, out_mask: Tensor | None, in_mask: Tensor | None) -> Shrunk:
-    out_idx = _idx(out_mask)
+def _conv(m: nn.Conv2d, out_idx: Tensor | None, in_idx: Tensor | None) -> Shrunk:
     if m.groups == m.in_channels == m.out_channels and m.groups > 1:  # depthwise: one mask for in and out
         k = m.out_channels if out_idx is None else len(out_idx)
         return _kept(m, {"weight": (out_idx, None), "bias": (out_idx, None)}), {
             "in_channels": k, "out_channels": k, "groups": k}  # fmt: skip
-    in_idx = _idx(in_mask)
     sizes = {"in_channels": _size(in_idx, m.in_channels), "out_channels": _size(out_idx, m.out_channels)}
     return _kept(m, {"weight": (out_idx, in_idx), "bias": (out_idx, None)}), sizes
 
 
-def _linear(m: nn.Linear, out_mask: Tensor | None, in_mask: Tensor | None) -> Shrunk:
-    out_idx, in_idx = _idx(out_mask), _idx(in_mask)
+def _linear(m: nn.Linear, out_idx: Tensor | None, in_idx: Tensor | None) -> Shrunk:
     sizes = {"in_features": _size(in_idx, m.in_features), "out_features": _size(out_idx, m.out_features)}
     return _kept(m, {"weight": (out_idx, in_idx), "bias": (out_idx, None)}), sizes
 
 
-def _bn(m: nn.BatchNorm1d | nn.BatchNorm2d, out_mask: Tensor | None, in_mask: Tensor | None) -> Shrunk:
-    idx = _idx(out_mask)
+def _bn(m: nn.BatchNorm1d | nn.BatchNorm2d, idx: Tensor | None, in_idx: Tensor | None) -> Shrunk:
     names = ("weight", "bias", "running_mean", "running_var")
     return _kept(m, {name: (idx, None) for name in names}), {"num_features": _size(idx, m.num_features)}
 
@@ -46,10 +42,15 @@ def _kept(m: nn.Module, cuts: dict[str, tuple[Tensor | None, Tensor | None]]) ->
         if src is None:
             continue
         value = src.detach()
-        if rows is not None:
-            value = value.index_select(0, rows.to(src.device))
-        if cols is not None:
-            value = value.index_select(1, cols.to(src.device))
+        if rows is not None and cols is not None and value[0, 0].numel() >= 9 and value.numel() >= 1 << 16:
+            # One gather writes no intermediate: on a large conv the half-cut copy's fresh pages cost more than the
+            # gather (vgg16 pruned by half: 9.7 against 15.5 ms). For 1x1 kernels its per-element indexing loses.
+            value = value[rows.to(src.device)[:, None], cols.to(src.device)]
+        else:
+            if rows is not None:
+                value = value.index_select(0, rows.to(src.device))
+            if cols is not None:
+                value = value.index_select(1, cols.to(src.device))
         if rows is None and cols is None:
             value = value.clone()  # an uncut tensor (a bias when only inputs go): the copy must own it
         out[name] = nn.Parameter(value, requires_grad=src.requires_grad) if isinstance(src, nn.Parameter) else value
@@ -64,13 +65,13 @@ SHRINK: dict[type[nn.Module], Callable[[nn.Module, Tensor | None, Tensor | None]
 }
 
 
-def shrink(m: nn.Module, out_mask: Tensor | None, in_mask: Tensor | None) -> Shrunk:
-    """The kept slices of `m`'s tensors and its new sizes, keeping the True positions of `out_mask` / `in_mask`
-    (None keeps the dimension)."""
+def shrink(m: nn.Module, out_idx: Tensor | None, in_idx: Tensor | None) -> Shrunk:
+    """The kept slices of `m`'s tensors and its new sizes, keeping positions `out_idx` / `in_idx` (sorted int64;
+    None keeps the dimension)."""
     fn = SHRINK.get(type(m))
     if fn is None:
         raise UnsupportedGraph(f"no prune function for layers of type {type(m).__name__}")
-    return fn(m, out_mask, in_mask)
+    return fn(m, out_idx, in_idx)
 
 
 def dim_size(m: nn.Module, dim: str) -> int:
@@ -82,10 +83,6 @@ def dim_size(m: nn.Module, dim: str) -> int:
     if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
         return m.num_features
     raise UnsupportedGraph(f"no prune function for layers of type {type(m).__name__}")
-
-
-def _idx(mask: Tensor | None) -> Tensor | None:
-    return None if mask is None else mask.nonzero().flatten()
 
 
 def _size(idx: Tensor | None, size: int) -> int:

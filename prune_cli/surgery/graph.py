@@ -62,7 +62,7 @@ VALUE_READS = {
     Tensor.equal, torch.equal, Tensor.allclose, torch.allclose,
 }  # fmt: skip
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_TORCH_DIR = os.path.dirname(torch.__file__)
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 
 # Module types a later step wraps (dynamic methods): the pass does not look inside them, and reads each as the
 # conv, linear or BatchNorm it derives from, or else as keeping its input's channels.

@@ -15,7 +15,7 @@ Shrunk = tuple[dict[str, Tensor], dict[str, int]]  # tensor name -> kept slice, 
 
 
 def _conv(m: nn.Conv2d, out_idx: Tensor | None, in_idx: Tensor | None) -> Shrunk:
-    if m.groups == m.in_channels == m.out_channels and m.groups > 1:  # depthwise: one mask for in and out
+    if m.groups == m.in_channels == m.out_channels and m.groups > 1:  # depthwise: one index for in and out
         k = m.out_channels if out_idx is None else len(out_idx)
         return _kept(m, {"weight": (out_idx, None), "bias": (out_idx, None)}), {
             "in_channels": k, "out_channels": k, "groups": k}  # fmt: skip

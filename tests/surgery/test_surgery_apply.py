@@ -21,6 +21,8 @@ ARCHS = {
     "resnet20": lambda: models.create_model("resnet20"),
     "resnet50": lambda: models.create_model("resnet50"),
     "tv_mobilenet_v2": lambda: models.create_model("torchvision:mobilenet_v2", num_classes=10),
+    # squeeze-and-excitation (a channel-wise product) and stochastic depth, which fx could not trace
+    "tv_efficientnet_b0": lambda: models.create_model("torchvision:efficientnet_b0", num_classes=10),
     "concat_net": concat_net,
 }
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))

@@ -37,7 +37,7 @@ def test_resnet_residual_group_spans_every_branch(tiny_resnet, example_input):
     assert not groups["layer1.0.conv1"].residual
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50", "vgg16_bn", "mobilenet_v2"])
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "vgg16_bn", "mobilenet_v2", "efficientnet_b0"])
 def test_torchvision_models(name):
     model = models.create_model(f"torchvision:{name}", num_classes=10).eval()
     groups = channel_groups(model, torch.randn(1, 3, 32, 32))

@@ -381,7 +381,7 @@ def _conv_zeros(args: tuple, kwargs: dict) -> Tensor | None:
         padding = (0, 0) if padding == ("valid", "valid") else padding
         size = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (w.shape[2 + i] - 1) - 1) // stride[i] + 1
                 for i in (0, 1)]  # fmt: skip
-    return x.new_zeros(x.shape[0], w.shape[0], *size)
+    return x.new_zeros(x.shape[0], w.shape[0], *size) if min(size) > 0 else None
 
 
 def _pair(v) -> tuple:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,6 +125,23 @@ def measure_latency(
         threads=torch.get_num_threads(),
         device=str(device),
     )
+
+
+def latency_in_turns(
+    models: Sequence[nn.Module | Callable[[Tensor], Tensor]], pool: Tensor, batch: int, *, max_seconds: float = 2.0,
+    rounds: int = 4,
+) -> list[tuple[float, float]]:  # fmt: skip
+    """(median ms, spread ms) of each model at `batch` on `pool` (as in `measure_latency`), the models taking turns:
+    `rounds` turns each of about `max_seconds / rounds`, each figure the median of its turns. A CPU's speed drifts
+    (on the 2-core VM of the README a ResNet-20 at batch 1 reads 2 ms or 5 ms, minutes apart); turns that alternate
+    share the drift, so the ratio of two models stays true."""
+    turns: list[list[Latency]] = [[] for _ in models]
+    for _ in range(rounds):
+        for model, times in zip(models, turns, strict=True):
+            times.append(
+                measure_latency(model, tuple(pool.shape[1:]), batch, pool=pool, max_seconds=max_seconds / rounds)
+            )
+    return [(statistics.median(t.median_ms for t in ts), statistics.median(t.spread_ms for t in ts)) for ts in turns]
 
 
 def file_size(path: str | Path) -> int:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import platform
-import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -164,9 +163,8 @@ def time_side_by_side(
     """Latency of each model at each batch size (median ms, p10-p90 spread, on consecutive batches of test images),
     with the threads, device and load average it was timed under.
 
-    The models take turns: `rounds` turns each of about `latency_seconds / rounds` per batch size, and each figure is
-    the median of its turns. A CPU's speed drifts (on the 2-core VM of the README a ResNet-20 at batch 1 reads 2 ms
-    or 5 ms, minutes apart); turns that alternate share the drift, so the ratio of two models stays true.
+    The models take turns (`metrics.latency_in_turns`): `rounds` turns each of about `latency_seconds / rounds` per
+    batch size, each figure the median of its turns.
     """
     device = device or next(models[0].parameters()).device
     # Real, varied images: a dynamic model's time depends on them (and on its caches, which one repeated input would
@@ -176,14 +174,9 @@ def time_side_by_side(
         n = max(256, 2 * max(latency_batches))
         pool = D.to_float(splits.test.x[:n], splits, device=device)
     for b in latency_batches:
-        turns: list[list[metrics.Latency]] = [[] for _ in models]
-        for _ in range(rounds):
-            for model, times in zip(models, turns, strict=True):
-                times.append(metrics.measure_latency(model, tuple(pool.shape[1:]), b, pool=pool,
-                                                     max_seconds=latency_seconds / rounds))  # fmt: skip
-        for fields, times in zip(out, turns, strict=True):
-            fields[f"latency_b{b}_ms"] = statistics.median(t.median_ms for t in times)
-            fields[f"latency_b{b}_spread_ms"] = statistics.median(t.spread_ms for t in times)
+        timed = metrics.latency_in_turns(models, pool, b, max_seconds=latency_seconds, rounds=rounds)
+        for fields, (median_ms, spread_ms) in zip(out, timed, strict=True):
+            fields[f"latency_b{b}_ms"], fields[f"latency_b{b}_spread_ms"] = median_ms, spread_ms
     # Other busy processes make CPU latency meaningless (threads wait for each other's time slices): record it.
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     for fields in out:

@@ -157,3 +157,24 @@ def test_models_timed_side_by_side_take_turns():
     )
     assert [name for name, _ in itertools.groupby(order)] == ["a", "b"] * 6  # 3 turns each per batch size
     assert all(set(o) >= {"latency_b1_ms", "latency_b4_ms", "threads", "load_average"} for o in out)
+
+
+def test_sinf_and_its_base_are_timed_in_turns():
+    from types import SimpleNamespace
+
+    from prune_cli import sinf_report
+
+    splits = make_splits(load_dataset("digits"))
+    order = []
+
+    def named(name):
+        def forward(x):
+            order.append(name)
+            return x
+
+        return forward
+
+    sinf = SimpleNamespace(base=named("base"), model=named("sinf"))
+    out = sinf_report.latencies(sinf, splits.test, splits, (1,), device=torch.device("cpu"), max_seconds=0.01)
+    assert [name for name, _ in itertools.groupby(order)] == ["base", "sinf"] * 4
+    assert set(out) == {f"{m}_latency_b1_{k}" for m in ("base", "sinf") for k in ("ms", "spread_ms")}

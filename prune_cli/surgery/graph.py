@@ -160,7 +160,7 @@ class _Pass(TorchFunctionMode):
         if isinstance(out, Tensor):  # a scalar (a sum, a norm) has no channels that a removal could change
             chan = [t for t in ins if self.layouts[id(t)] is not None]
             self.record(out, self.layout(func, args, kwargs, chan, out) if chan and out.dim() else None)
-        elif any(isinstance(t, Tensor) for t in tree_leaves(out)):
+        elif func is Tensor.__setitem__ or any(isinstance(t, Tensor) for t in tree_leaves(out)):
             raise UnsupportedGraph(f"cannot reason about channels through {_name(func)}{_where()}")
         return out
 

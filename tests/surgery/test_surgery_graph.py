@@ -73,6 +73,23 @@ def test_unknown_op_names_the_op_and_the_line_that_called_it():
         channel_groups(Odd(), torch.randn(1, 3, 8, 8))
 
 
+def test_writing_into_channels_is_a_clear_error():
+    """x[:, :2] = 0 names channels by position: after a removal they would be other channels."""
+
+    class Writes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            y[:, :2] = 0
+            return y
+
+    with pytest.raises(UnsupportedGraph, match=r"torch\.Tensor\.__setitem__, called at"):
+        channel_groups(Writes(), torch.randn(1, 3, 8, 8))
+
+
 def test_a_forward_that_branches_on_values_is_a_clear_error():
     """The channels such a forward reaches may change with the input, and the analysis computes no real values."""
 

@@ -69,9 +69,9 @@ from torch import Tensor, nn
 
 from models.resnet import BasicBlock, Bottleneck
 from models.vgg import VGG
+from prune_cli import surgery
 from prune_cli.api import Context, Criterion, Dynamic, TrainHooks, register_criterion
 from prune_cli.dynamic import DynamicModule
-from prune_cli import surgery
 from prune_cli.errors import BadValue
 
 THRESHOLD_INIT = -10000.0

@@ -184,7 +184,7 @@ class _Pass(TorchFunctionMode):
         elif isinstance(module, nn.Linear):
             self.record(out, self.linear(name, module, first, shp))
         else:
-            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            if isinstance(module, _BatchNorm):  # as for a F.batch_norm call
                 self.add_members(first, name, "bn")
             self.record(out, first)
 

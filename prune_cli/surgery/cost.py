@@ -37,20 +37,30 @@ class CostModel:
                         self.touch[m.module].append((g.id, "in", m.expand))
         self.base_macs, self.base_params = self.cost({})
 
+    def layer_widths(self, name: str, kept: Mapping[str, int]) -> tuple[int, int, int]:
+        """(in, out, groups) of layer `name` when group g keeps kept[g] channels (groups not named keep all)."""
+        info = self.layers[name]
+        out, inp, groups = info["out"], info["in"], info["groups"]
+        for gid, dim, expand in self.touch[name]:
+            if gid in kept:
+                removed = (self.sizes[gid] - kept[gid]) * expand
+                if dim == "out":
+                    out -= removed
+                else:
+                    inp -= removed
+        if groups > 1 and groups == info["in"] == info["out"]:  # depthwise: width follows its group
+            groups = inp = out = min(out, inp)
+        return inp, out, groups
+
+    def layers_of(self, group_id: str) -> list[str]:
+        """The layers whose width the group changes."""
+        return [name for name, touches in self.touch.items() if any(gid == group_id for gid, _, _ in touches)]
+
     def cost(self, kept: Mapping[str, int]) -> tuple[int, int]:
         """(MACs, params) when group g keeps kept[g] channels (groups not named keep all)."""
         macs = params = 0
         for name, info in self.layers.items():
-            out, inp, groups = info["out"], info["in"], info["groups"]
-            for gid, dim, expand in self.touch[name]:
-                if gid in kept:
-                    removed = (self.sizes[gid] - kept[gid]) * expand
-                    if dim == "out":
-                        out -= removed
-                    else:
-                        inp -= removed
-            if groups > 1 and groups == info["in"] == info["out"]:  # depthwise: width follows its group
-                groups = inp = out = min(out, inp)
+            inp, out, groups = self.layer_widths(name, kept)
             per_out = (inp // groups) * info["k"]
             macs += out * per_out * info["hw"]
             params += out * per_out + (out if info["bias"] else 0)

@@ -80,6 +80,7 @@ class Experiment:
     scope: str = "internal"
     mode: str = "uniform"
     round_to: int = 1
+    fast_widths: int = 0
     max_ratio: float = 0.9
     calib_images: int = 1024
     latency_batches: tuple[int, ...] = (1, 64)
@@ -102,7 +103,8 @@ class Experiment:
         ft = self.finetune
         return PruneJob(
             criterion=spec.name, options=dict(spec.options), target=Target(self.metric, target),  # type: ignore[arg-type]
-            mode=self.mode, scope=self.scope, round_to=self.round_to, max_ratio=self.max_ratio,
+            mode=self.mode, scope=self.scope, round_to=self.round_to, fast_widths=self.fast_widths,
+            max_ratio=self.max_ratio,
             calib_images=self.calib_images, finetune_epochs=ft.epochs, lr=ft.lr, batch_size=ft.batch_size,
             weight_decay=ft.weight_decay, seed=seed, latency_batches=self.latency_batches,
             latency_seconds=self.latency_seconds,
@@ -118,6 +120,8 @@ class Cell:
         """Everything that decides the cell's result, as plain JSON (what the key hashes)."""
         job = asdict(self.job)
         job["latency_batches"] = list(job["latency_batches"])
+        if not job["fast_widths"]:  # off: the keys of records made before the option existed stay valid
+            del job["fast_widths"]
         return {"job": job, "dataset": dataset, "data_dir": data_dir, "base_sha256": base_digest}
 
 

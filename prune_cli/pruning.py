@@ -48,6 +48,7 @@ class PruneJob:
     mode: str = "uniform"
     scope: str = "internal"
     round_to: int = 1
+    fast_widths: int = 0  # batch size at which selection times widths (0: off)
     max_ratio: float = 0.9
     calib_images: int = 1024
     finetune_epochs: int = 0
@@ -61,8 +62,8 @@ class PruneJob:
     recalibrate_bn: bool = True
 
     def __post_init__(self):
-        if self.finetune_epochs < 0 or self.calib_images < 1 or self.round_to < 1:
-            raise BadValue("fine-tune epochs must be >= 0, calibration images and round-to >= 1")
+        if self.finetune_epochs < 0 or self.fast_widths < 0 or self.calib_images < 1 or self.round_to < 1:
+            raise BadValue("fine-tune epochs and fast-widths must be >= 0, calibration images and round-to >= 1")
         if not 0 < self.max_ratio < 1:
             raise BadValue(f"--max-ratio must be in (0, 1), got {self.max_ratio}")
         if self.mode not in ("uniform", "global"):
@@ -131,7 +132,7 @@ def make_context(
 
 def plan_from_result(result: Result, ctx: Context, job: PruneJob) -> tuple[dict, dict, dict]:
     """(keep, overrides, target report) for a static result; Dynamic results never reach here."""
-    sel_args = dict(mode=job.mode, round_to=job.round_to, max_ratio=job.max_ratio)
+    sel_args = dict(mode=job.mode, round_to=job.round_to, max_ratio=job.max_ratio, latency_batch=job.fast_widths)
     match result:
         case Scores():
             report = selection.select(ctx.model, ctx.example_input, list(ctx.groups), result, job.target, **sel_args)
@@ -176,6 +177,10 @@ def run(
 
     t1 = time.perf_counter()
     hooks = None
+    if job.fast_widths:
+        log(f"timing each layer's candidate widths at batch {job.fast_widths} (--fast-widths)"
+            if isinstance(result, (Scores, Allocation))
+            else f"--fast-widths ignored: {job.criterion} chooses its own widths")  # fmt: skip
     if isinstance(result, Dynamic):
         pruned, hooks = result.model, result.hooks
         target_report = {"metric": "macs per input", "requested": job.target.reduction, "achieved": None}

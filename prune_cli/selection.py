@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from prune_cli import fast_widths as FW
 from prune_cli.api import Allocation, ChannelGroup, Scores, Target
 from prune_cli.errors import BadValue, TargetUnreachable
 from prune_cli.surgery.cost import CostModel
@@ -72,8 +73,12 @@ def select(
     round_to: int = 1,
     max_ratio: float = 0.9,
     cost: CostModel | None = None,
+    latency_batch: int = 0,
 ) -> Selection:
     """Keep the highest-scoring channels of each group in `groups`, as many as the target allows.
+
+    latency_batch > 0: round each group's count down to a width that runs faster than every wider one at that batch
+    size on this machine (`fast_widths`); the bisection then prunes the other groups less, to meet the target.
 
     Raises TargetUnreachable (with the best achievable reduction) when even the most pruning allowed falls short.
     """
@@ -87,6 +92,9 @@ def select(
         rel = {g.id: float(ratios.ratios.get(g.id, 0.0)) for g in groups}
         if ratios.exact:
             counts = {g.id: kept_count(g.size, rel[g.id], round_to, max_ratio) for g in groups}
+            if latency_batch:
+                timer = FW.LayerTimer(model, example_input, latency_batch)
+                counts = FW.snap(counts, _fast_widths(cost, timer, groups, counts, round_to, max_ratio))
             return _finish(cost, groups, scores, counts, target)
         top = max(rel.values()) or 1.0
 
@@ -116,7 +124,36 @@ def select(
         raise BadValue(f"selection mode must be 'uniform' or 'global', got {mode!r}")
 
     counts = bisect(lambda t: 1 - cost.metric(counts_at(t), target.metric) / base, target.reduction, hi, counts_at)
+    if latency_batch:
+        timer = FW.LayerTimer(model, example_input, latency_batch)
+
+        def fits(counts: dict[str, int]) -> bool:
+            return 1 - cost.metric(counts, target.metric) / base + 1e-9 >= target.reduction
+
+        # A group's fast widths depend on its neighbours' widths (a conv's time on both), so the second round times
+        # them against the first round's plan.
+        for _ in range(2):
+            fast = _fast_widths(cost, timer, groups, counts, round_to, max_ratio)
+
+            def snapped_at(t: float, fast=fast) -> dict[str, int]:
+                return FW.snap(counts_at(t), fast)
+
+            counts = bisect(lambda t: 1 - cost.metric(snapped_at(t), target.metric) / base, target.reduction, hi,
+                            snapped_at)  # fmt: skip
+            counts = FW.give_back(cost, timer, groups, counts, fast, fits)
     return _finish(cost, groups, scores, counts, target)
+
+
+def _fast_widths(
+    cost: CostModel, timer: FW.LayerTimer, groups: list[ChannelGroup], counts: Mapping[str, int], round_to: int,
+    max_ratio: float,
+) -> dict[str, list[int]]:  # fmt: skip
+    """The fast widths of each group (see `fast_widths`), timed with the other groups at `counts`, from the full
+    width down to half of `counts` (the plan moves little from there; below, a group rounds up to its narrowest)."""
+    lowest = {g.id: max(kept_count(g.size, max_ratio, round_to, max_ratio), counts[g.id] // 2) for g in groups}
+    return FW.fast_widths(
+        cost, timer, groups, counts, lowest, step=lambda size: round_to if size >= round_to > 1 else max(1, size // 32)
+    )
 
 
 def check_reachable(

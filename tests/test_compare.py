@@ -190,3 +190,11 @@ def test_quickstart_leaderboard_holds_every_registered_criterion(tmp_path):
     result = run("compare", ROOT / "experiments" / "quickstart.yaml", "--out", tmp_path, "--jobs", "2")
     assert result.exit_code == 0, result.output
     assert set(pd.read_csv(tmp_path / "leaderboard.csv")["criterion"]) >= set(list_criteria())
+
+
+def test_committed_quickstart_records_keep_their_keys():
+    """Options added after a run (fast_widths) must leave its key alone, or a re-run would redo every cell."""
+    exp = load_experiment(ROOT / "experiments" / "quickstart.yaml")
+    records = [json.loads(p.read_text()) for p in (ROOT / "experiments/results/quickstart/records").glob("*.json")]
+    digest = records[0]["config"]["base_sha256"]
+    assert {config_key(c.config(exp.dataset, exp.data_dir, digest)) for c in exp.cells()} == {r["key"] for r in records}

@@ -52,5 +52,13 @@ TargetParams = Annotated[float | None, typer.Option(help="Fraction of parameters
 Mode = Annotated[str, typer.Option(help="uniform or global selection.", rich_help_panel=PRUNE)]
 Scope = Annotated[str, typer.Option(help="internal or all (ResNet residual groups).", rich_help_panel=PRUNE)]
 RoundTo = Annotated[int, typer.Option(help="Keep a multiple of this many channels.", rich_help_panel=PRUNE)]
+FastWidths = Annotated[
+    int,
+    typer.Option(
+        help="Round each group down to a width that runs faster than every wider one on this machine at this batch "
+        "size; the other groups are pruned less to meet the target (times every layer: seconds to a minute; 0: off).",
+        rich_help_panel=PRUNE,
+    ),
+]
 MaxRatio = Annotated[float, typer.Option(help="Most a group may lose.", rich_help_panel=PRUNE)]
 CalibImages = Annotated[int, typer.Option(help="Calibration images for scoring.", rich_help_panel=PRUNE)]

@@ -23,6 +23,7 @@ def prune(
     mode: O.Mode = "uniform",
     scope: O.Scope = "internal",
     round_to: O.RoundTo = 1,
+    fast_widths: O.FastWidths = 0,
     max_ratio: O.MaxRatio = 0.9,
     calib_images: O.CalibImages = 1024,
     finetune_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs (0: none).", rich_help_panel=O.TRAIN)] = 0,
@@ -58,8 +59,9 @@ def prune(
     dev = pipeline.setup_runtime(device, threads, seed)
     job = pruning.PruneJob(
         criterion=criterion, options=parse_key_values(opt), target=target, mode=mode, scope=scope,
-        round_to=round_to, max_ratio=max_ratio, calib_images=calib_images, finetune_epochs=finetune_epochs,
-        lr=lr, batch_size=batch_size, seed=seed, latency_batches=tuple(pipeline.parse_batches(latency_batches)),
+        round_to=round_to, fast_widths=fast_widths, max_ratio=max_ratio, calib_images=calib_images,
+        finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size, seed=seed,
+        latency_batches=tuple(pipeline.parse_batches(latency_batches)),
     )  # fmt: skip
     with ui.RichReporter() as reporter:
         outcome = pruning.run(model_file, job, dataset=dataset, data_dir=data_dir, device=dev, reporter=reporter,

@@ -46,6 +46,7 @@ def score(
     mode: O.Mode = "uniform",
     scope: O.Scope = "internal",
     round_to: O.RoundTo = 1,
+    fast_widths: O.FastWidths = 0,
     max_ratio: O.MaxRatio = 0.9,
     calib_images: O.CalibImages = 1024,
     compare_checkpoint: Annotated[
@@ -80,8 +81,8 @@ def score(
     if compare_checkpoint is not None and criterion == "all":
         raise BadValue("--compare-checkpoint compares one criterion's layer rankings: name the criterion")
     options = split_options(parse_key_values(opt), names)
-    common = dict(target=target, mode=mode, scope=scope, round_to=round_to, max_ratio=max_ratio,
-                  calib_images=calib_images, seed=seed)  # fmt: skip
+    common = dict(target=target, mode=mode, scope=scope, round_to=round_to, fast_widths=fast_widths,
+                  max_ratio=max_ratio, calib_images=calib_images, seed=seed)  # fmt: skip
     jobs = {n: pruning.PruneJob(criterion=n, options=options[n], **common) for n in names}  # type: ignore[arg-type]
     crits = {n: pruning.build_criterion(n, options[n]) for n in names}  # bad names and options fail before loading
     if criterion != "all" and crits[criterion].dynamic:

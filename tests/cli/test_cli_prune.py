@@ -49,6 +49,14 @@ def test_prune_table_output(base):
     assert "requested 0.300" in result.stdout and "MACs" in result.stdout
 
 
+def test_prune_with_fast_widths(base):
+    result = run("prune", base, "--target-macs", "0.4", "--scope", "all", "--fast-widths", "8", "--latency-batches",
+                 "8", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["target_report"]["achieved"] >= 0.4 and summary["after"]["latency_b8_ms"] > 0
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -57,6 +65,7 @@ def test_prune_table_output(base):
         (["--target-macs", "0.5", "--opt", "moed=greedy"], "did you mean 'mode'"),
         (["--target-macs", "0.5", "--opt", "mode=lazy"], "must be one of"),
         (["--target-macs", "1.5"], "reduction must be in"),
+        (["--target-macs", "0.5", "--fast-widths", "-1"], "fast-widths must be >= 0"),
         ([], "exactly one of --target-macs or --target-params"),
     ],
 )

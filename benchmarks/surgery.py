@@ -4,7 +4,8 @@
    on resnet56, vgg16 and torchvision resnet50 (goal: ours <= 0.5x theirs). Torch-Pruning prunes in place, so it is
    handed a copy; ours copies inside prune(). The ratio leaves that copy out, and is printed again with it.
 2. Measured CPU latency speed-up divided by MACs speed-up for resnet56 and vgg16 pruned 2x (scope all, uniform
-   L1), at batch 1 and 64 (goal >= 0.9); the two models are timed in turns.
+   L1), at batch 1 and 64 (goal >= 0.9); the models are timed in turns. Again with `fast_widths` (timed at batch
+   64): oneDNN's kernels make some widths slower than wider ones, and this rounds each group away from them.
 3. The channel analysis alone at 32x32 and 224x224 inputs, against Torch-Pruning's dependency graph: ours does not
    compute the convolutions, so its time does not grow with the image.
 Usage: python benchmarks/surgery.py [--threads 2] [--repeats 3]
@@ -26,6 +27,8 @@ from prune_cli.api import Context, Target, get_criterion
 from prune_cli.metrics import count_macs, measure_latency
 from prune_cli.selection import groups_in_scope, select
 from prune_cli.surgery import channel_groups, prune
+
+FAST_AT = 64  # the batch size the fast widths are timed at
 
 
 def half_plan(model, x):
@@ -95,22 +98,31 @@ def main() -> None:
               f"removal alone {a[2] / b[2]:.2f}; with Torch-Pruning's copy ({b[3]:.1f} ms) timed too "
               f"{a[0] / (b[0] + b[3]):.2f}")  # fmt: skip
 
-    print(f"\n2. latency speed-up / MACs speed-up, pruned 2x (uniform L1, scope all), {args.threads} threads, 32x32")
+    print(f"\n2. latency speed-up / MACs speed-up, pruned 2x (uniform L1, scope all), {args.threads} threads, 32x32;")
+    print(f"   'fast widths': the same, each group rounded to a width faster than every wider one at batch {FAST_AT}")
     for name in ("resnet56", "vgg16"):
         model = models.create_model(name, num_classes=10).eval()
         x = torch.randn(1, 3, 32, 32)
         groups = channel_groups(model, x)
         scoped = groups_in_scope(groups, "all")
         ctx = Context(model, tuple(scoped), tuple(groups), x, 10, Target("macs", 0.5))
-        sel = select(model, x, scoped, get_criterion("l1")().run(ctx), Target("macs", 0.5))
-        pruned = prune(model, x, sel.keep, groups=groups)
-        mac_speedup = count_macs(model, x) / count_macs(pruned, x)
-        for batch in (1, 64):  # in turns, so that the machine's drift hits both: medians of 3 turns each
-            turns = [[measure_latency(m, (3, 32, 32), batch, max_seconds=1).median_ms for m in (model, pruned)]
-                     for _ in range(3)]  # fmt: skip
-            lb, la = (statistics.median(t) for t in zip(*turns, strict=True))
-            print(f"  {name:9s} batch {batch:3d}: {lb:8.2f} -> {la:8.2f} ms  latency x{lb / la:.2f}"
-                  f"  MACs x{mac_speedup:.2f}  ratio {lb / la / mac_speedup:.2f} (goal >= 0.9)")  # fmt: skip
+        scores = get_criterion("l1")().run(ctx)
+        pruned = {}
+        for label, batch in (("uniform", 0), ("fast widths", FAST_AT)):
+            t0 = time.perf_counter()
+            sel = select(model, x, scoped, scores, Target("macs", 0.5), latency_batch=batch)
+            pruned[label] = prune(model, x, sel.keep, groups=groups)
+            print(f"  {name:9s} {label:11s} widths {sorted({len(k) for k in sel.keep.values()})}, selected in "
+                  f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
+        for batch in (1, 64):  # in turns, so that the machine's drift hits all three: medians of 3 turns each
+            timed = (model, *pruned.values())
+            turns = [[measure_latency(m, (3, 32, 32), batch, max_seconds=1).median_ms for m in timed] for _ in range(3)]
+            base_ms, *after_ms = (statistics.median(t) for t in zip(*turns, strict=True))
+            for (label, p), ms in zip(pruned.items(), after_ms, strict=True):
+                mac_speedup = count_macs(model, x) / count_macs(p, x)
+                ratio = base_ms / ms / mac_speedup
+                print(f"  {name:9s} {label:11s} batch {batch:3d}: {base_ms:8.2f} -> {ms:8.2f} ms  latency x"
+                      f"{base_ms / ms:.2f}  MACs x{mac_speedup:.2f}  ratio {ratio:.2f} (goal >= 0.9)")  # fmt: skip
 
     import torch_pruning as tp
 

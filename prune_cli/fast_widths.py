@@ -122,7 +122,8 @@ def fast_widths(
     lowest: Mapping[str, int], step: Callable[[int], int] = lambda size: max(1, size // 32), tolerance: float = 0.1,
 ) -> dict[str, list[int]]:  # fmt: skip
     """Per group, the widths (descending, the full width first) that run at least `tolerance` faster than every
-    wider width kept, the other groups at their widths in `kept`.
+    wider width kept, the other groups at their widths in `kept`; and the narrowest candidate in any case, so that
+    rounding down to these widths can reach whatever the candidates reach.
 
     Candidates run from the full width down to `lowest[g]` in steps of `step(size)` (about 32 candidates at most, so
     that a 512-wide VGG group costs 32 timings per layer shape, not 512).
@@ -141,7 +142,7 @@ def fast_widths(
             if t < best * (1 - tolerance):
                 widths.append(w)
                 best = t
-        out[g.id] = widths
+        out[g.id] = widths if widths[-1] == candidates[-1] else [*widths, candidates[-1]]
     return out
 
 

@@ -78,7 +78,8 @@ def select(
     """Keep the highest-scoring channels of each group in `groups`, as many as the target allows.
 
     latency_batch > 0: round each group's count down to a width that runs faster than every wider one at that batch
-    size on this machine (`fast_widths`); the bisection then prunes the other groups less, to meet the target.
+    size on this machine (`fast_widths`); the bisection then prunes the other groups less, to meet the target, and
+    channels that the target does not need are given back.
 
     Raises TargetUnreachable (with the best achievable reduction) when even the most pruning allowed falls short.
     """
@@ -123,13 +124,12 @@ def select(
     else:
         raise BadValue(f"selection mode must be 'uniform' or 'global', got {mode!r}")
 
-    counts = bisect(lambda t: 1 - cost.metric(counts_at(t), target.metric) / base, target.reduction, hi, counts_at)
+    def reduction(counts: dict[str, int]) -> float:
+        return 1 - cost.metric(counts, target.metric) / base
+
+    counts = bisect(lambda t: reduction(counts_at(t)), target.reduction, hi, counts_at)
     if latency_batch:
         timer = FW.LayerTimer(model, example_input, latency_batch)
-
-        def fits(counts: dict[str, int]) -> bool:
-            return 1 - cost.metric(counts, target.metric) / base + 1e-9 >= target.reduction
-
         # A group's fast widths depend on its neighbours' widths (a conv's time on both), so the second round times
         # them against the first round's plan.
         for _ in range(2):
@@ -138,9 +138,8 @@ def select(
             def snapped_at(t: float, fast=fast) -> dict[str, int]:
                 return FW.snap(counts_at(t), fast)
 
-            counts = bisect(lambda t: 1 - cost.metric(snapped_at(t), target.metric) / base, target.reduction, hi,
-                            snapped_at)  # fmt: skip
-            counts = FW.give_back(cost, timer, groups, counts, fast, fits)
+            counts = bisect(lambda t: reduction(snapped_at(t)), target.reduction, hi, snapped_at)
+            counts = FW.give_back(cost, timer, groups, counts, fast, lambda c: reduction(c) + 1e-9 >= target.reduction)
     return _finish(cost, groups, scores, counts, target)
 
 

@@ -95,6 +95,22 @@ def test_selection_meets_the_target_with_fast_widths_only(setup, monkeypatch, re
     assert plan_ms(model, groups, fast) < plan_ms(model, groups, plain)
 
 
+class FlatTimer(BandedTimer):
+    def ms(self, name: str, in_width: int, out_width: int) -> float:
+        return 1.0
+
+
+def test_a_flat_landscape_still_reaches_the_target(setup, monkeypatch):
+    """Where no width is faster than the full one, only the full width and the narrowest candidate are kept, and
+    the target is still met by pruning some groups to the narrowest."""
+    model, groups, cost = setup
+    fast = FW.fast_widths(cost, FlatTimer(), groups, {}, {g.id: 4 for g in groups})
+    assert fast == {"0": [16, 4], "3": [16, 4], "6": [8, 4]}
+    monkeypatch.setattr(FW, "LayerTimer", FlatTimer)
+    scores = Scores({g.id: torch.rand(g.size) for g in groups})
+    assert select(model, X, groups, scores, Target("macs", 0.6), latency_batch=64).achieved >= 0.6
+
+
 def test_real_layers_are_timed_once_per_shape():
     model = net()
     timer = FW.LayerTimer(model, X, batch=2, seconds=0.001)

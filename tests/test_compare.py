@@ -198,3 +198,11 @@ def test_committed_quickstart_records_keep_their_keys():
     records = [json.loads(p.read_text()) for p in (ROOT / "experiments/results/quickstart/records").glob("*.json")]
     digest = records[0]["config"]["base_sha256"]
     assert {config_key(c.config(exp.dataset, exp.data_dir, digest)) for c in exp.cells()} == {r["key"] for r in records}
+
+
+def test_fast_widths_reach_the_job_and_its_key():
+    exp = load_experiment(ROOT / "experiments" / "quickstart.yaml", {"fast_widths": 64})
+    cell = exp.cells()[0]
+    assert cell.job.fast_widths == 64
+    plain = load_experiment(ROOT / "experiments" / "quickstart.yaml").cells()[0]
+    assert config_key(cell.config("digits", None, "x")) != config_key(plain.config("digits", None, "x"))

@@ -130,15 +130,13 @@ def fast_widths(
     """
     out = {}
     for g in groups:
-        at = dict(kept)
         stride = step(g.size)
-        widths, best = [], math.inf
         candidates = [g.size, *(w for w in range(g.size - 1, lowest[g.id] - 1, -1) if w % stride == 0)]
-        layers = cost.layers_of(g.id)
-        timer.measure([(name, *cost.layer_widths(name, {**kept, g.id: w})[:2]) for w in candidates for name in layers])
-        for w in candidates:
-            at[g.id] = w
-            t = group_ms(cost, timer, g, at)
+        plans = [{**kept, g.id: w} for w in candidates]
+        timer.measure([(name, *cost.layer_widths(name, plan)[:2]) for plan in plans for name in cost.layers_of(g.id)])
+        widths, best = [], math.inf
+        for w, plan in zip(candidates, plans, strict=True):
+            t = group_ms(cost, timer, g, plan)
             if t < best * (1 - tolerance):
                 widths.append(w)
                 best = t

@@ -35,6 +35,9 @@ class CostModel:
                         self.touch[m.module].append((g.id, "out", m.expand))
                     if m.kind in _IN:
                         self.touch[m.module].append((g.id, "in", m.expand))
+        # group id -> the layers whose width it changes (in layer order)
+        self._layers_of = {g.id: [n for n, touches in self.touch.items() if any(t[0] == g.id for t in touches)]
+                           for g in self.groups}  # fmt: skip
         self.base_macs, self.base_params = self.cost({})
 
     def layer_widths(self, name: str, kept: Mapping[str, int]) -> tuple[int, int, int]:
@@ -54,7 +57,7 @@ class CostModel:
 
     def layers_of(self, group_id: str) -> list[str]:
         """The layers whose width the group changes."""
-        return [name for name, touches in self.touch.items() if any(gid == group_id for gid, _, _ in touches)]
+        return self._layers_of[group_id]
 
     def cost(self, kept: Mapping[str, int]) -> tuple[int, int]:
         """(MACs, params) when group g keeps kept[g] channels (groups not named keep all)."""

@@ -8,7 +8,7 @@
    64): oneDNN's kernels make some widths slower than wider ones, and this rounds each group away from them.
 3. The channel analysis alone at 32x32 and 224x224 inputs, against Torch-Pruning's dependency graph: ours does not
    compute the convolutions, so its time does not grow with the image.
-Usage: python benchmarks/surgery.py [--threads 2] [--repeats 3]
+Usage: python benchmarks/surgery.py [--threads 2] [--repeats 3] [--device cuda]
 """
 
 from __future__ import annotations
@@ -80,7 +80,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="where section 2 runs and times the models (cpu, cuda)")
     args = parser.parse_args()
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     print(f"machine: {pipeline.machine()}")
     print("\n1. surgery wall time, same plan (half of every prunable group), median of", args.repeats)
@@ -98,11 +100,12 @@ def main() -> None:
               f"removal alone {a[2] / b[2]:.2f}; with Torch-Pruning's copy ({b[3]:.1f} ms) timed too "
               f"{a[0] / (b[0] + b[3]):.2f}")  # fmt: skip
 
-    print(f"\n2. latency speed-up / MACs speed-up, pruned 2x (uniform L1, scope all), {args.threads} threads, 32x32;")
+    where = f"{args.threads} threads" if device.type == "cpu" else str(device)
+    print(f"\n2. latency speed-up / MACs speed-up, pruned 2x (uniform L1, scope all), {where}, 32x32;")
     print(f"   'fast widths': the same, each group rounded to a width faster than every wider one at batch {FAST_AT}")
     for name in ("resnet56", "vgg16"):
-        model = models.create_model(name, num_classes=10).eval()
-        x = torch.randn(1, 3, 32, 32)
+        model = models.create_model(name, num_classes=10).eval().to(device)
+        x = torch.randn(1, 3, 32, 32, device=device)
         groups = channel_groups(model, x)
         scoped = groups_in_scope(groups, "all")
         ctx = Context(model, tuple(scoped), tuple(groups), x, 10, Target("macs", 0.5))

@@ -12,6 +12,7 @@ biased upward, so the best --confirm allocations are timed again, and that secon
 Width options per stage of C channels: C // 2, the uniform width at 2x (about 0.7 C), and every multiple of 8 from
 C // 2 to C.
 Usage: python benchmarks/width_search.py [--model resnet56] [--samples 40] [--batches 1 64] [--threads 2]
+       [--device cuda]
 """
 
 from __future__ import annotations
@@ -60,12 +61,14 @@ def main() -> None:
     parser.add_argument("--min-speedup", type=float, default=1.97)
     parser.add_argument("--max-speedup", type=float, default=2.08)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="where the models run and are timed (cpu, cuda)")
     args = parser.parse_args()
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     print(f"machine: {pipeline.machine()}")
 
-    model = models.create_model(args.model, num_classes=10).eval()
-    x = torch.randn(1, 3, 32, 32)
+    model = models.create_model(args.model, num_classes=10).eval().to(device)
+    x = torch.randn(1, 3, 32, 32, device=device)
     groups = channel_groups(model, x)
     scoped = groups_in_scope(groups, "all")
     cost = CostModel(model, x)
@@ -87,8 +90,9 @@ def main() -> None:
     uniform = tuple(round(s / 2**0.5) for s in sizes) * 2
     drawn = random.Random(args.seed).sample(near, min(args.samples, len(near)))
     allocs = [uniform] + [a for a in drawn if a != uniform]
+    where = f"{args.threads} threads" if device.type == "cpu" else str(device)
     print(f"{len(near)} allocations with MACs speed-up in [{args.min_speedup}, {args.max_speedup}]; timing "
-          f"{len(allocs)} (the uniform one {uniform} first), {args.threads} threads")  # fmt: skip
+          f"{len(allocs)} (the uniform one {uniform} first), {where}")  # fmt: skip
     pruned = [prune(model, x, {gid: torch.arange(k) for gid, k in kept(a).items()}, groups=groups) for a in allocs]
     speedups = [count_macs(model, x) / count_macs(p, x) for p in pruned]
 

@@ -20,6 +20,16 @@ def list_models(pattern: str = "*") -> list[str]:
     return MODELS.names(pattern)
 
 
+# torchvision models with auxiliary classifiers: built without them. Their train-mode forward returns a tuple of
+# outputs, which the engine (one logits tensor) cannot train on; eval mode never runs them, so the channel analysis
+# cannot see which channels they read, and pruning would leave them at the wrong widths. init_weights=True keeps
+# torchvision's own initialisation without its warning that the default will change.
+_TORCHVISION_DEFAULTS = {
+    "googlenet": {"aux_logits": False, "init_weights": True},
+    "inception_v3": {"aux_logits": False, "init_weights": True},
+}
+
+
 def resolve_factory(name: str) -> Callable[..., nn.Module]:
     """The factory behind a model name (registry name, `torchvision:NAME` or `package.module:factory`)."""
     if name.startswith("torchvision:"):
@@ -29,7 +39,8 @@ def resolve_factory(name: str) -> Callable[..., nn.Module]:
         known = tvm.list_models(module=tvm)
         if arch not in known:
             raise UnknownName("torchvision model", arch, known)
-        return lambda **kw: tvm.get_model(arch, weights=None, **kw)
+        defaults = _TORCHVISION_DEFAULTS.get(arch, {})
+        return lambda **kw: tvm.get_model(arch, weights=None, **{**defaults, **kw})
     if ":" in name:
         module_name, _, attr = name.partition(":")
         try:

@@ -89,7 +89,23 @@ def new_model(name: str, splits: D.Splits, weights: Path | None = None) -> nn.Mo
     model = models.create_model(name, num_classes=splits.num_classes, in_channels=in_channels)
     if weights is not None:
         load_weights(model, weights)
+    check_runs_on(model, name, splits)
     return model
+
+
+@torch.no_grad()
+def check_runs_on(model: nn.Module, name: str, splits: D.Splits) -> None:
+    """One image through the model, before any training: a model too deep for small images (inception_v3 on 8x8
+    digits pools them away) fails here with one line, not minutes later with a traceback."""
+    x = example_input(splits)
+    was_training = model.training
+    try:
+        model.eval()(x)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadValue(f"model {name} cannot run on {tuple(x.shape[1:])} images: {first}") from exc
+    finally:
+        model.train(was_training)
 
 
 def train_and_save(

@@ -57,6 +57,15 @@ def test_torchvision_model_builds_without_download():
         models.create_model("torchvision:resnet19")
 
 
+@pytest.mark.parametrize("name", ["googlenet", "inception_v3"])
+def test_torchvision_models_with_auxiliary_heads_train_on_one_output(name):
+    """Built without the heads: one logits tensor in train mode too (the engine's contract), and no modules that eval
+    mode never runs (the channel analysis could not see their inputs)."""
+    model = models.create_model(f"torchvision:{name}", num_classes=4).train()
+    assert model(torch.randn(2, 3, 80, 80)).shape == (2, 4)
+    assert not any("aux" in n for n, _ in model.named_modules())
+
+
 def test_user_factory(tmp_path, monkeypatch):
     (tmp_path / "my_nets.py").write_text(
         "import torch.nn as nn\n"

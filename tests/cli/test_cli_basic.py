@@ -75,6 +75,7 @@ def test_eval_table_and_info(trained):
         (["eval", "missing.safetensors"], "no model file"),
         (["list", "modles"], "did you mean 'models'"),
         (["train", "--dataset", "mnist", "--data-dir", "/nonexistent", "--epochs", "0"], "nonexistent"),
+        (["train", "--model", "torchvision:inception_v3", "--epochs", "1"], "cannot run on (3, 32, 32) images"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(args, message, tmp_path, monkeypatch):

@@ -74,15 +74,13 @@ def test_removal_equals_zeroing(arch, seed):
 
 
 # concatenation everywhere, with BatchNorm over concatenated channels (densenet) and parallel branches (inception);
-# each at the smallest input its poolings allow. Without the auxiliary heads: eval mode never runs them, so the
-# analysis cannot see which channels they read (the closing note of 2026-12-01 says more).
+# each at the smallest input its poolings allow (googlenet and inception_v3 come without their auxiliary heads)
 CONCAT_ARCHS = {"densenet121": 32, "googlenet": 32, "inception_v3": 80}
 
 
 @pytest.mark.parametrize("name", CONCAT_ARCHS)
 def test_removal_equals_zeroing_on_concatenating_models(name):
-    extra = {} if name == "densenet121" else {"aux_logits": False, "init_weights": False}
-    model = randomise_bn(models.create_model(f"torchvision:{name}", num_classes=10, **extra)).eval()
+    model = randomise_bn(models.create_model(f"torchvision:{name}", num_classes=10)).eval()
     x = torch.randn(2, 3, CONCAT_ARCHS[name], CONCAT_ARCHS[name], generator=torch.Generator().manual_seed(2))
     groups = channel_groups(model, x[:1])
     plan = random_plan(groups, seed=0)

@@ -139,17 +139,21 @@ class Similarity(Criterion):
 def following_norms(model: nn.Module, example_input: Tensor) -> dict[str, str]:
     """{conv/linear name: name of the BatchNorm that reads its output directly}, found by one traced forward."""
     modules = dict(model.named_modules())
-    outputs: dict[int, str] = {}
+    # id -> (name, output): holding the output keeps its id from being reused by a later tensor (densenet's
+    # concatenations once matched a freed conv output's id, giving that conv a BatchNorm it does not feed)
+    outputs: dict[int, tuple[str, Tensor]] = {}
     found: dict[str, str] = {}
     handles = []
     for name, m in modules.items():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
-            handles.append(m.register_forward_hook(lambda _m, _a, out, name=name: outputs.__setitem__(id(out), name)))
+            handles.append(
+                m.register_forward_hook(lambda _m, _a, out, name=name: outputs.__setitem__(id(out), (name, out)))
+            )
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
 
             def pre(_m, args, name=name):
                 if id(args[0]) in outputs:
-                    found[outputs[id(args[0])]] = name
+                    found[outputs[id(args[0])][0]] = name
 
             handles.append(m.register_forward_pre_hook(pre))
     was_training = model.training

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import models
 from prune_cli.api import CalibData, Context, Plan, Target, check_result, get_criterion
 from prune_cli.pruning import PruneJob, plan_from_result
 from prune_cli.selection import groups_in_scope
@@ -141,3 +142,19 @@ def test_empirical_distance_needs_data_and_sees_duplicates(tiny_resnet, example_
     assert d[4, 9] == pytest.approx(0, abs=1e-6) and np.median(d) > 0.1
     result = run(ctx, distance="empirical")
     assert len(set(result.keep["layer2.1.conv1"].tolist()) & {4, 9}) == 1
+
+
+def test_following_norms_are_the_batchnorms_each_conv_feeds_on_densenet():
+    """densenet's BatchNorms read concatenations made after earlier conv outputs were freed; a reused tensor id once
+    paired a 32-channel conv with a 992-channel BatchNorm (and LASSO's refit then failed on the shapes)."""
+    from criteria.similarity import following_norms
+
+    model = models.create_model("torchvision:densenet121", num_classes=10).eval()
+    follow = following_norms(model, torch.randn(1, 3, 32, 32))
+    modules = dict(model.named_modules())
+    assert follow["features.conv0"] == "features.norm0"
+    assert follow["features.denseblock1.denselayer1.conv1"] == "features.denseblock1.denselayer1.norm2"
+    for conv, bn in follow.items():
+        assert modules[bn].num_features == modules[conv].out_channels, (conv, bn)
+    # a dense layer's conv2 feeds a concatenation, never a BatchNorm directly
+    assert not any(name.endswith("conv2") for name in follow)

@@ -41,12 +41,13 @@ from prune_cli.errors import UnsupportedGraph
 # Element-wise: the result has the input's shape and channels. The pass hands back the input itself, uncomputed.
 ELEMENTWISE = {
     F.relu, F.relu_, F.relu6, F.hardtanh, F.leaky_relu, F.elu, F.gelu, F.silu, F.hardswish, F.hardsigmoid,
-    F.dropout, F.dropout1d, F.dropout2d, torch.relu, torch.relu_, torch.sigmoid, torch.tanh, Tensor.relu,
-    Tensor.relu_, Tensor.sigmoid, Tensor.tanh,
+    F.dropout, F.dropout1d, F.dropout2d, F.mish, F.selu, F.celu, F.softplus, torch.relu, torch.relu_, torch.sigmoid,
+    torch.tanh, Tensor.relu, Tensor.relu_, Tensor.sigmoid, Tensor.tanh,
 }  # fmt: skip
+# Spatial or type changes: the channels pass unchanged (nn.Upsample calls F.interpolate).
 PASS_FUNCTIONS = ELEMENTWISE | {
-    F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, Tensor.contiguous, Tensor.clone,
-    Tensor.float, Tensor.to, Tensor.detach,
+    F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate, Tensor.contiguous,
+    Tensor.clone, Tensor.float, Tensor.to, Tensor.detach,
 }  # fmt: skip
 BINARY = {
     torch.add, torch.mul, torch.sub, Tensor.add, Tensor.add_, Tensor.mul, Tensor.mul_, Tensor.sub, Tensor.sub_,

@@ -24,6 +24,19 @@ ARCHS = {
     # squeeze-and-excitation (a channel-wise product) and stochastic depth, which fx could not trace
     "tv_efficientnet_b0": lambda: models.create_model("torchvision:efficientnet_b0", num_classes=10),
     "concat_net": concat_net,
+    # upsampling between convs (decoders, feature pyramids): channels pass, the next conv runs on the larger map
+    "upsample_net": lambda: nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Upsample(scale_factor=2),
+        nn.Conv2d(6, 5, 3, padding=1),
+        nn.BatchNorm2d(5),
+        nn.Mish(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(5, 10),
+    ),  # fmt: skip
 }
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 
@@ -80,13 +93,16 @@ CONCAT_ARCHS = {"densenet121": 32, "googlenet": 32, "inception_v3": 80}
 
 @pytest.mark.parametrize("name", CONCAT_ARCHS)
 def test_removal_equals_zeroing_on_concatenating_models(name):
+    torch.manual_seed(0)
     model = randomise_bn(models.create_model(f"torchvision:{name}", num_classes=10)).eval()
     x = torch.randn(2, 3, CONCAT_ARCHS[name], CONCAT_ARCHS[name], generator=torch.Generator().manual_seed(2))
     groups = channel_groups(model, x[:1])
     plan = random_plan(groups, seed=0)
     pruned = prune(model, x[:1], plan, groups=groups)
     with torch.no_grad():
-        assert torch.allclose(pruned(x), zeroed(model, groups, plan)(x), atol=1e-5, rtol=1e-4)
+        got, want = pruned(x), zeroed(model, groups, plan)(x)
+    # relative to the outputs' scale: inception_v3's own initialisation with random BatchNorm reaches 1e4-1e5
+    assert (got - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item())
     macs, params = CostModel(model, x[:1]).cost({k: len(v) for k, v in plan.items()})
     assert count_macs(pruned, x[:1]) == macs and count_params(pruned) == params
 

@@ -85,7 +85,8 @@ def show(summary: dict, batches: tuple[int, ...]) -> None:
         ["top-1 (test)", f"{before['top1']:.4f}", f"{after['top1_before_finetune']:.4f} before fine-tune", ""],
     ]
     if after.get("top1") is not None and summary["finetune_epochs"]:
-        rows.append(["", "", f"{after['top1']:.4f} after {summary['finetune_epochs']} epochs",
+        epochs = summary["finetune_epochs"]
+        rows.append(["", "", f"{after['top1']:.4f} after {epochs} epoch{'s' if epochs != 1 else ''}",
                      f"{100 * (after['top1'] - before['top1']):+.2f} pt"])  # fmt: skip
     for b in batches:
         lb, la = before[f"latency_b{b}_ms"], after[f"latency_b{b}_ms"]

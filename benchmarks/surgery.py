@@ -110,6 +110,7 @@ def main() -> None:
         scoped = groups_in_scope(groups, "all")
         ctx = Context(model, tuple(scoped), tuple(groups), x, 10, Target("macs", 0.5))
         scores = get_criterion("l1")().run(ctx)
+        base_macs = count_macs(model, x)
         pruned = {}
         for label, batch in (("uniform", 0), ("fast widths", FAST_AT)):
             t0 = time.perf_counter()
@@ -122,7 +123,7 @@ def main() -> None:
             turns = [[measure_latency(m, (3, 32, 32), batch, max_seconds=1).median_ms for m in timed] for _ in range(3)]
             base_ms, *after_ms = (statistics.median(t) for t in zip(*turns, strict=True))
             for (label, p), ms in zip(pruned.items(), after_ms, strict=True):
-                mac_speedup = count_macs(model, x) / count_macs(p, x)
+                mac_speedup = base_macs / count_macs(p, x)
                 ratio = base_ms / ms / mac_speedup
                 print(f"  {name:9s} {label:11s} batch {batch:3d}: {base_ms:8.2f} -> {ms:8.2f} ms  latency x"
                       f"{base_ms / ms:.2f}  MACs x{mac_speedup:.2f}  ratio {ratio:.2f} (goal >= 0.9)")  # fmt: skip

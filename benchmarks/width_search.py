@@ -36,9 +36,13 @@ def stage_of(group_id: str) -> int:
     return 0 if group_id == "conv1" else int(group_id.split(".")[0].removeprefix("layer")) - 1
 
 
+def uniform_width(size: int) -> int:
+    """The width a uniform cut to half the MACs keeps (both sides of each conv shrink by sqrt 2)."""
+    return round(size / 2**0.5)
+
+
 def width_options(size: int) -> list[int]:
-    uniform = round(size / 2**0.5)
-    return sorted({size // 2, uniform, *range(8 * -(-size // 16), size + 1, 8)})
+    return sorted({size // 2, uniform_width(size), *range(8 * -(-size // 16), size + 1, 8)})
 
 
 def paired_ratio(base: torch.nn.Module, pruned: torch.nn.Module, mac_speedup: float, batch: int, turns: int) -> float:
@@ -87,14 +91,15 @@ def main() -> None:
         for alloc in itertools.product(*options, *options)
         if args.min_speedup <= base_macs / cost.metric(kept(alloc), "macs") <= args.max_speedup
     ]
-    uniform = tuple(round(s / 2**0.5) for s in sizes) * 2
+    uniform = tuple(uniform_width(s) for s in sizes) * 2
     drawn = random.Random(args.seed).sample(near, min(args.samples, len(near)))
     allocs = [uniform] + [a for a in drawn if a != uniform]
     where = f"{args.threads} threads" if device.type == "cpu" else str(device)
     print(f"{len(near)} allocations with MACs speed-up in [{args.min_speedup}, {args.max_speedup}]; timing "
           f"{len(allocs)} (the uniform one {uniform} first), {where}")  # fmt: skip
     pruned = [prune(model, x, {gid: torch.arange(k) for gid, k in kept(a).items()}, groups=groups) for a in allocs]
-    speedups = [count_macs(model, x) / count_macs(p, x) for p in pruned]
+    dense_macs = count_macs(model, x)
+    speedups = [dense_macs / count_macs(p, x) for p in pruned]
 
     for batch in args.batches:
         ratios = [paired_ratio(model, p, s, batch, args.turns) for p, s in zip(pruned, speedups, strict=True)]

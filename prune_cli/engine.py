@@ -136,9 +136,11 @@ def train(
     reporter: Reporter | None = None,
     log: Callable[[str], None] = lambda message: None,
     evaluate_val: bool = True,
+    after_epoch: Callable[[nn.Module, int, list[dict]], None] | None = None,
 ) -> TrainResult:
     """Train `model` in place on `splits.train`; validate on `splits.val` after each epoch.
 
+    `after_epoch(model, epochs_done, history)` runs after each epoch's checkpoint (e.g. to save a snapshot).
     Returns the per-epoch history (train loss/acc, val top-1, seconds, images/s).
     """
     device = device or default_device()
@@ -218,6 +220,8 @@ def train(
             reporter.update(epoch_task, advance=1, loss=stats["train_loss"], acc=stats.get("val_acc", 0.0))
         if checkpoint is not None:
             _save_checkpoint(checkpoint, epoch + 1, result.history, model, optimizer, scheduler, gen)
+        if after_epoch is not None:
+            after_epoch(model, epoch + 1, result.history)
     if reporter:
         reporter.stop(epoch_task)
     result.seconds = sum(h["seconds"] for h in result.history)

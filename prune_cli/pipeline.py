@@ -111,10 +111,13 @@ def check_runs_on(model: nn.Module, name: str, splits: D.Splits) -> None:
 def train_and_save(
     model_name: str, dataset: str, data_dir: str | Path | None, cfg: Any, out: Path, *, weights: Path | None = None,
     device: torch.device | None = None, resume: bool = False, reporter: Any = None, log=lambda m: None,
+    save_every: int = 0,
 ) -> dict[str, Any]:  # fmt: skip
     """Train a new `model_name` on `dataset` with `cfg` (engine.TrainConfig), save it to `out`, return a summary.
 
-    A checkpoint (OUT.ckpt) is written after each epoch so that `resume` can continue an interrupted run.
+    A checkpoint (OUT.ckpt) is written after each epoch so that `resume` can continue an interrupted run. With
+    `save_every` N > 0, every N-th epoch before the last is also saved as a model file OUT-epochK.safetensors: the
+    same run's early snapshots, for checking whether a criterion ranks an early model as it ranks the final one.
     """
     import time
 
@@ -125,9 +128,20 @@ def train_and_save(
     net = new_model(model_name, splits, weights)
     log(f"training {model_name} on {dataset} ({len(splits.train)} train / {len(splits.val)} val images) on {device}")
     checkpoint = out.with_suffix(".ckpt")
+    provenance = dict(
+        dataset=dataset, input_shape=list(splits.train.x.shape[1:]), data_dir=str(data_dir) if data_dir else None,
+        seed=cfg.seed, train=engine.config_dict(cfg), machine=machine(), normalisation=normalisation(splits),
+    )  # fmt: skip
+
+    def snapshot(model: nn.Module, epochs_done: int, history: list[dict]) -> None:
+        if save_every > 0 and epochs_done % save_every == 0 and epochs_done < cfg.epochs:
+            path = snapshot_path(out, epochs_done)
+            save_model(model, path, kind="snapshot", epoch=epochs_done, history=list(history), **provenance)
+            log(f"saved the epoch-{epochs_done} snapshot to {path}")
+
     t0 = time.perf_counter()
     result = engine.train(net, splits, cfg, device=device, checkpoint=checkpoint, resume=resume, reporter=reporter,
-                          log=log)  # fmt: skip
+                          log=log, after_epoch=snapshot)  # fmt: skip
     test = engine.evaluate(net, splits.test, splits, device=device)
     summary = {
         "model": model_name,
@@ -140,13 +154,14 @@ def train_and_save(
         "wall_seconds": time.perf_counter() - t0,
         "images_per_second": result.images_per_second if result.history else None,
     }
-    save_model(
-        net.cpu(), out, kind="trained", dataset=dataset, input_shape=list(splits.train.x.shape[1:]),
-        data_dir=str(data_dir) if data_dir else None, seed=cfg.seed, train=engine.config_dict(cfg),
-        history=result.history, metrics=summary, machine=machine(), normalisation=normalisation(splits),
-    )  # fmt: skip
+    save_model(net.cpu(), out, kind="trained", history=result.history, metrics=summary, **provenance)
     checkpoint.unlink(missing_ok=True)
     return summary
+
+
+def snapshot_path(out: Path, epoch: int) -> Path:
+    """Where `train --save-every` writes the model after `epoch` epochs: OUT-epochK.safetensors."""
+    return out.with_name(f"{out.stem}-epoch{epoch}{out.suffix}")
 
 
 def example_input(splits: D.Splits) -> torch.Tensor:

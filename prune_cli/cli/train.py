@@ -27,6 +27,13 @@ def train(
     no_augment: Annotated[bool, typer.Option("--no-augment", help="No crop/flip.", rich_help_panel=O.TRAIN)] = False,
     compile: Annotated[bool, typer.Option(help="torch.compile the model.", rich_help_panel=O.TRAIN)] = False,
     resume: Annotated[bool, typer.Option(help="Continue from OUT's checkpoint.", rich_help_panel=O.TRAIN)] = False,
+    save_every: Annotated[
+        int,
+        typer.Option(
+            help="Also save the model every N epochs as OUT-epochK.safetensors (0: only the final model).",
+            rich_help_panel=O.OUTPUT,
+        ),
+    ] = 0,
     seed: O.Seed = 0,
     device: O.Device = None,
     threads: O.Threads = None,
@@ -43,6 +50,8 @@ def train(
     dev = pipeline.setup_runtime(device, threads, seed)
     if out.suffix != ".safetensors":
         raise_bad(f"--out must end in .safetensors, got {out.name!r}")
+    if save_every < 0:
+        raise_bad(f"--save-every must be >= 0, got {save_every}")
     cfg = engine.TrainConfig(
         epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,  # type: ignore[arg-type]
         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, augment=not no_augment, compile=compile,
@@ -51,7 +60,7 @@ def train(
     with ui.RichReporter() as reporter:
         summary = pipeline.train_and_save(
             model, dataset, data_dir, cfg, out, weights=weights, device=dev, resume=resume, reporter=reporter,
-            log=ui.info,
+            log=ui.info, save_every=save_every,
         )  # fmt: skip
     if json:
         ui.print_json({**summary, "out": str(out)})

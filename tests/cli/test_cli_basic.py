@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from prune_cli.cli import app
@@ -31,6 +32,21 @@ def test_train_writes_a_model_file_and_reports(trained):
     out, summary = trained
     assert out.exists() and not out.with_suffix(".ckpt").exists()
     assert 0 <= summary["test_top1"] <= 1 and summary["epochs"] == 1
+
+
+def test_train_save_every_writes_the_runs_early_snapshots(tmp_path):
+    from prune_cli.modelfile import load_model
+
+    out = tmp_path / "m.safetensors"
+    result = run("train", "--model", "resnet20", "--dataset", "digits", "--epochs", "2", "--batch-size", "256",
+                 "--save-every", "1", "--out", out, "--threads", "2", "-q")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-epoch1.safetensors", "m.safetensors"]
+    early, final = load_model(tmp_path / "m-epoch1.safetensors"), load_model(out)
+    assert early.prune_cli_info["kind"] == "snapshot" and early.prune_cli_info["epoch"] == 1
+    assert early.prune_cli_info["normalisation"] == final.prune_cli_info["normalisation"]
+    assert len(early.prune_cli_info["history"]) == 1 and len(final.prune_cli_info["history"]) == 2
+    assert not torch.equal(early.state_dict()["fc.weight"], final.state_dict()["fc.weight"])
 
 
 def test_eval_json(trained):

@@ -15,11 +15,20 @@ Decisions (METHODS.md section 2; every one is an option):
   the same whichever other groups are in scope.
 - S_g = mean over (d, t) of the top-1 accuracy drop on the calibration split (held-out training images, never
   the test split); `measure=loss` uses the mean cross-entropy increase. No BN recalibration, no fine-tuning.
-- Ratios: `inverse` (default) r_g = clip(alpha * (1/S_g) / mean(1/S), 0, max_ratio); `linear`
-  r_g = clip(alpha * (1 - S_g / max S), 0, max_ratio). Sensitivities below `min_sensitivity` (damage that does
-  not hurt on the calibration split, or even helps by chance) count as `min_sensitivity`, which keeps 1/S finite.
-  alpha is bisected on the exact cost model until the MACs (params) target is met; the returned ratios are the
-  ones at that alpha (the shared selection rescales them again only if its round-to / max-ratio differ).
+- Layers: `conv` (default) sweeps and prunes only groups whose producers are convolutions, as SBPF measures the
+  sensitivity of convolutional layers; every other group (a VGG's hidden Linear) gets ratio 0 and is not pruned.
+  `all` sweeps and allocates every group in scope. Why the default: the hidden Linear of VGG-11 barely moves the
+  arg-max when damaged, so `inverse` sent it to the cap, and L1 ranking then kept the wrong units (31-41% top-1 on
+  Fashion-MNIST at -30% MACs, no fine-tuning; experiments/results/fmnist-vgg/sensitivity-defaults/).
+- Ratios: `inverse` r_g = clip(alpha * (1/S_g) / mean(1/S), 0, max_ratio); `cost` (cost-aware)
+  r_g = clip(alpha * (c_g/S_g) / mean(c/S), 0, max_ratio), where c_g is the share of the MACs (params) that
+  removing group g entirely would save: the minimiser of sum_g S_g r_g^2 under the linearised budget
+  sum_g c_g r_g = target, so a cheap group cannot absorb the cut that an expensive one would pay for;
+  `linear` r_g = clip(alpha * (1 - S_g / max S), 0, max_ratio). Sensitivities below `min_sensitivity` (damage
+  that does not hurt on the calibration split, or even helps by chance) count as `min_sensitivity`, which keeps
+  1/S finite. alpha is bisected on the exact cost model until the MACs (params) target is met; the returned
+  ratios are the ones at that alpha (the shared selection rescales them again only if its round-to / max-ratio
+  differ).
 
 Reuse: damage to group g changes nothing computed before the first graph node that reads a damaged module. The
 model is traced once with torch.fx; per group the graph is cut at that node into a prefix, which returns every
@@ -69,7 +78,8 @@ class Sensitivity(Criterion):
         trials: int = 3
         damage: Literal["random", "l1", "noise"] = "random"
         measure: Literal["accuracy", "loss"] = "accuracy"
-        form: Literal["inverse", "linear"] = "inverse"
+        form: Literal["inverse", "cost", "linear"] = "inverse"
+        layers: Literal["conv", "all"] = "conv"
         rank: str = "l1"
         max_ratio: float = 0.9
         min_sensitivity: float = 1e-3
@@ -87,45 +97,81 @@ class Sensitivity(Criterion):
                 raise BadValue(f"sensitivity: min_sensitivity must be > 0, got {self.min_sensitivity}")
             for name, value, choices in (("damage", self.damage, ("random", "l1", "noise")),
                                          ("measure", self.measure, ("accuracy", "loss")),
-                                         ("form", self.form, ("inverse", "linear"))):  # fmt: skip
+                                         ("form", self.form, ("inverse", "cost", "linear")),
+                                         ("layers", self.layers, ("conv", "all"))):  # fmt: skip
                 if value not in choices:
                     raise BadValue(f"sensitivity: {name} must be one of {', '.join(choices)}, not {value!r}")
 
     def run(self, ctx: Context) -> Allocation:
         t0 = time.perf_counter()
-        base, rows, reused = sweep(ctx, self.options)
-        key = "accuracy" if self.options.measure == "accuracy" else "loss"
+        o = self.options
+        groups = allocated_groups(ctx.groups, o.layers)
+        if not groups:
+            raise BadValue("sensitivity: no convolutional channel group in scope; try --opt layers=all")
+        base, rows, reused = sweep(ctx, o, groups)
+        key = "accuracy" if o.measure == "accuracy" else "loss"
         sens = {}
-        for g in ctx.groups:
+        for g in groups:
             vals = [r[key] for r in rows if r["group"] == g.id]
             drop = [base[key] - v if key == "accuracy" else v - base[key] for v in vals]
             sens[g.id] = sum(drop) / len(drop)
-        rel = relative_ratios(sens, self.options)
-        alpha, ratios = fit_alpha(ctx, rel, self.options.max_ratio)
+        cost = CostModel(ctx.model, ctx.example_input)
+        shares = cost_shares(cost, groups, ctx.target.metric)
+        rel = relative_ratios(sens, o, shares)
+        rel.update({g.id: 0.0 for g in ctx.groups if g.id not in rel})  # groups outside `layers` are not pruned
+        alpha, ratios = fit_alpha(ctx, rel, o.max_ratio, cost)
         extra = {
-            "sweep": rows, "sensitivity": sens, "relative": rel, "baseline": base, "alpha": alpha,
-            "evaluations": len(rows), "reuse": reused, "sweep_s": time.perf_counter() - t0,
+            "sweep": rows, "sensitivity": sens, "cost_share": shares, "relative": rel, "baseline": base,
+            "alpha": alpha, "evaluations": len(rows), "reuse": reused, "sweep_s": time.perf_counter() - t0,
         }  # fmt: skip
-        return Allocation(ratios, rank=self.options.rank, extra=extra)
+        return Allocation(ratios, rank=o.rank, extra=extra)
 
 
 # ------------------------------------------------------------------------------------------------ ratios
-def relative_ratios(sens: dict[str, float], o: Sensitivity.Options) -> dict[str, float]:
-    """Unscaled ratios (before alpha): inverse -> (1/S_g) / mean(1/S); linear -> 1 - S_g / max S."""
-    if o.form == "inverse":
-        inv = {g: 1.0 / max(s, o.min_sensitivity) for g, s in sens.items()}
+def is_conv_group(g: ChannelGroup) -> bool:
+    """Whether every producer of the group's channels is a convolution (conv out-channels or depthwise)."""
+    return bool(g.producers) and all(m.kind in ("conv_out", "depthwise") for m in g.producers)
+
+
+def allocated_groups(groups: tuple[ChannelGroup, ...], layers: str) -> list[ChannelGroup]:
+    """The groups that are swept and given a ratio: conv groups only (`conv`) or all in scope (`all`)."""
+    return [g for g in groups if layers == "all" or is_conv_group(g)]
+
+
+def cost_shares(cost: CostModel, groups: list[ChannelGroup], metric: str) -> dict[str, float]:
+    """c_g: the share of the model's MACs (params) that removing all of group g would save, the others intact.
+
+    A group's cost is linear in its kept count when the other groups keep all their channels, so keeping one
+    channel and scaling by size / (size - 1) gives the whole group's share (a group of 1 channel saves nothing).
+    """
+    base = cost.base(metric)
+    shares = {}
+    for g in groups:
+        saved = base - cost.metric({g.id: 1}, metric)
+        shares[g.id] = saved * g.size / (g.size - 1) / base if g.size > 1 else 0.0
+    return shares
+
+
+def relative_ratios(sens: dict[str, float], o: Sensitivity.Options, shares: dict[str, float]) -> dict[str, float]:
+    """Unscaled ratios (before alpha): inverse -> (1/S_g) / mean(1/S); cost -> (c_g/S_g) / mean(c/S);
+    linear -> 1 - S_g / max S."""
+    if o.form in ("inverse", "cost"):
+        weight = shares if o.form == "cost" else dict.fromkeys(sens, 1.0)
+        inv = {g: weight[g] / max(s, o.min_sensitivity) for g, s in sens.items()}
         mean = sum(inv.values()) / len(inv)
-        return {g: v / mean for g, v in inv.items()}
+        return {g: v / mean if mean > 0 else 0.0 for g, v in inv.items()}
     top = max(max(sens.values()), o.min_sensitivity)
     return {g: 1.0 - max(s, 0.0) / top for g, s in sens.items()}
 
 
-def fit_alpha(ctx: Context, rel: dict[str, float], max_ratio: float) -> tuple[float, dict[str, float]]:
+def fit_alpha(
+    ctx: Context, rel: dict[str, float], max_ratio: float, cost: CostModel | None = None
+) -> tuple[float, dict[str, float]]:
     """Smallest alpha whose ratios clip(alpha * rel, 0, max_ratio) meet the target (bisection on the cost model).
 
     An unreachable target returns the most pruning allowed; the selection then reports it to the user.
     """
-    cost = CostModel(ctx.model, ctx.example_input)
+    cost = cost or CostModel(ctx.model, ctx.example_input)
     sizes = {g.id: g.size for g in ctx.groups}
     base = cost.base(ctx.target.metric)
 
@@ -150,11 +196,15 @@ def fit_alpha(ctx: Context, rel: dict[str, float], max_ratio: float) -> tuple[fl
 
 
 # ------------------------------------------------------------------------------------------------- sweep
-def sweep(ctx: Context, o: Sensitivity.Options) -> tuple[dict[str, float], list[dict], bool]:
+def sweep(
+    ctx: Context, o: Sensitivity.Options, groups: list[ChannelGroup] | None = None
+) -> tuple[dict[str, float], list[dict], bool]:
     """(baseline {accuracy, loss}, rows {group, level, trial, accuracy, loss}, whether the graph cut was used).
 
-    Works on a private copy of the model: the context's model is never modified.
+    Sweeps `groups` (default: every group in the context). Works on a private copy of the model: the context's
+    model is never modified.
     """
+    groups = list(ctx.groups) if groups is None else groups
     calib = ctx.require_calib()
     model = copy.deepcopy(ctx.model).eval()
     l1 = get_criterion("l1")().run(ctx).per_group if o.damage == "l1" else {}
@@ -162,14 +212,14 @@ def sweep(ctx: Context, o: Sensitivity.Options) -> tuple[dict[str, float], list[
     trials = 1 if o.damage == "l1" else o.trials  # the l1 damage has no randomness: more trials repeat trial 0
     jobs = [(d, t) for d in o.levels for t in range(trials)]
     batches = list(calib.batches(o.batch_size))
-    advance = ctx.progress("sensitivity sweep", len(ctx.groups) * len(jobs) * len(batches))
+    advance = ctx.progress("sensitivity sweep", len(groups) * len(jobs) * len(batches))
 
     with torch.no_grad():
         base = _Tally()
         for x, y in batches:
             base.add(model(x), y)
         rows = []
-        for g in ctx.groups:
+        for g in groups:
             prefix, suffix = runner.split(_damaged_modules(g))
             tallies = {job: _Tally() for job in jobs}
             for x, y in batches:

@@ -7,7 +7,7 @@ import torch
 from helpers import concat_net, randomise_bn
 from torch import nn
 
-from criteria.sensitivity import _damage, split_live
+from criteria.sensitivity import _damage, is_conv_group, split_live
 from prune_cli import pruning
 from prune_cli.api import Allocation, CalibData, Context, Target, check_result, get_criterion
 from prune_cli.errors import BadValue
@@ -45,9 +45,10 @@ def test_conformance_and_sweep_rows(request, example_input, model_name, scope):
     assert set(result.ratios) == {g.id for g in ctx.groups}
     assert all(0 <= r <= 0.9 for r in result.ratios.values())
     rows = result.extra["sweep"]
-    assert len(rows) == len(ctx.groups) * 2 and set(rows[0]) == {"group", "level", "trial", "accuracy", "loss"}
+    swept = [g.id for g in ctx.groups if is_conv_group(g)]  # layers=conv (default): conv groups only
+    assert len(rows) == len(swept) * 2 and set(rows[0]) == {"group", "level", "trial", "accuracy", "loss"}
     assert result.extra["baseline"]["accuracy"] == 1.0 and result.extra["reuse"] is True
-    assert set(result.extra["sensitivity"]) == set(result.ratios)
+    assert set(result.extra["sensitivity"]) == set(swept)
 
 
 def test_deterministic_for_a_seed_and_seed_matters(tiny_resnet, example_input):
@@ -76,7 +77,7 @@ def test_graph_cut_gives_the_same_sweep_as_whole_model_evaluation(tiny_resnet, e
 
 def test_l1_damage_equals_zeroing_the_lowest_l1_channels_by_hand(tiny_vgg, example_input):
     ctx = context(tiny_vgg, example_input)
-    rows = run(ctx, damage="l1", levels=(0.5,), trials=3).extra["sweep"]
+    rows = run(ctx, damage="l1", levels=(0.5,), trials=3, layers="all").extra["sweep"]
     assert len(rows) == len(ctx.groups)  # deterministic damage: one trial per level
     model = copy.deepcopy(tiny_vgg)
     conv, bn = model.features[4], model.features[5]  # group features.4: 128 channels
@@ -151,3 +152,70 @@ def test_bad_options():
     for bad in (dict(levels=(0.5, 1.0)), dict(trials=0), dict(damage="blur"), dict(max_ratio=1.0)):
         with pytest.raises(BadValue):
             cls.Options(**bad)
+
+
+# ------------------------------------------------------------------------------------- layers and cost-aware form
+def plan_ratios(result, ctx, target):
+    """Per group the fraction the shared selection removes (what `prune` would cut)."""
+    job = pruning.PruneJob(criterion="sensitivity", target=Target("macs", target))
+    return pruning.plan_from_result(result, ctx, job)[2]["ratios"]
+
+
+def test_layers_conv_never_cuts_a_linear_group(tiny_vgg, example_input):
+    """VGG's hidden Linear (classifier.1, 512 units) is a group of its own: with layers=conv (default) it is neither
+    swept nor cut; with layers=all the same setting does cut it, so the check is able to fail."""
+    ctx = context(tiny_vgg, example_input, target=0.5)
+    linear = [g.id for g in ctx.groups if not is_conv_group(g)]
+    assert linear == ["classifier.1"]
+    conv = run(ctx)
+    assert conv.ratios["classifier.1"] == 0.0 and "classifier.1" not in conv.extra["sensitivity"]
+    assert all(r["group"] != "classifier.1" for r in conv.extra["sweep"])
+    assert plan_ratios(conv, ctx, 0.5)["classifier.1"] == 0.0
+    assert plan_ratios(run(ctx, layers="all"), ctx, 0.5)["classifier.1"] > 0.0
+
+
+class CheapBranch(nn.Module):
+    """stem (3x3 at 16x16) feeds an expensive branch `a` (3x3 conv at 16x16) and a cheap one `b` (1x1 conv on the
+    pooled 1x1 map: under 0.1% of the MACs); both reach the classifier. x: (N, 3, 16, 16) -> (N, 10)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn_s = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.a, self.bn_a = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.b, self.bn_b = nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        s = torch.relu(self.bn_s(self.stem(x)))
+        a = nn.functional.adaptive_avg_pool2d(torch.relu(self.bn_a(self.a(s))), 1)
+        b = torch.relu(self.bn_b(self.b(nn.functional.adaptive_avg_pool2d(s, 1))))
+        return self.fc(torch.flatten(torch.cat([a, b], 1), 1))
+
+
+def test_cost_aware_form_gives_a_cheap_insensitive_group_no_more_than_its_fair_cut(example_input):
+    """The classifier reads branch b 1e6x quieter, so damaging b changes nothing (S at the floor): `inverse` sends it
+    to the cap. Its fair cut is what the uniform selection removes from every group at the same target; the
+    cost-aware form (ratio weighed by the share of the MACs, b's is under 0.1%) gives it no more than that, and the
+    expensive groups pay for the target."""
+    torch.manual_seed(0)
+    model = randomise_bn(CheapBranch()).eval()
+    with torch.no_grad():
+        model.fc.weight[:, 16:] *= 1e-6
+    target = 0.4
+    ctx = context(model, example_input, target=target)
+    assert {g.id for g in ctx.groups} == {"stem", "a", "b"}
+    uniform = pruning.plan_from_result(
+        get_criterion("l1")().run(ctx), ctx, pruning.PruneJob(target=Target("macs", target))
+    )[2]["ratios"]
+    fair = uniform["b"]
+    assert 0.1 < fair < 0.6
+
+    inverse = run(ctx, form="inverse", levels=(0.4, 0.8), trials=2)
+    assert inverse.extra["sensitivity"]["b"] < 1e-3 < inverse.extra["sensitivity"]["a"]
+    assert plan_ratios(inverse, ctx, target)["b"] == pytest.approx(0.9, abs=0.07)  # the cap (16 channels: keeps 2)
+
+    cost = run(ctx, form="cost", levels=(0.4, 0.8), trials=2)
+    assert cost.extra["cost_share"]["b"] < 1e-3 < 0.5 < cost.extra["cost_share"]["a"]
+    ratios = plan_ratios(cost, ctx, target)
+    assert ratios["b"] <= fair
+    assert max(ratios["stem"], ratios["a"]) >= fair  # the cut went where the MACs are

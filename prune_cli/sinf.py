@@ -57,7 +57,7 @@ from criteria.dcs import DCSOptions, dcs_scores
 from prune_cli import data as D
 from prune_cli.api import ChannelGroup
 from prune_cli.errors import BadModelFile, BadValue, PruneCliError, UnsupportedGraph
-from prune_cli.graphsplit import attach_candidates, gap_features, node_index, split, trace
+from prune_cli.graphsplit import Candidate, attach_candidates, gap_features, node_index, split, trace
 from prune_cli.io import atomic_write, write_text
 
 FORMAT = "prune-cli-sinf/1"
@@ -147,6 +147,29 @@ def train_router(
     with torch.no_grad():
         acc = float((router.fc2(F.relu(router.fc1(f_val))).argmax(1) == z_val).float().mean()) if len(f_val) else 0.0
     return router, acc
+
+
+def attach_router(
+    candidates: Sequence[Candidate], fit: Callable[[Candidate], tuple[Router, float]], threshold: float
+) -> tuple[Candidate, Router, float, list[dict[str, Any]]]:
+    """The paper's rule: the earliest candidate (graph order) whose router reaches `threshold` validation cluster
+    accuracy, or, when none does, the most accurate one (the earliest of equals).
+
+    `fit(candidate) -> (router, val cluster accuracy)` trains one router; candidates after the chosen one are not
+    trained. Returns the candidate, its router and accuracy, and one record per candidate tried.
+    """
+    tried: list[dict[str, Any]] = []
+    best: tuple[Candidate, Router, float] | None = None
+    for c in candidates:
+        router, acc = fit(c)
+        tried.append({"node": c.node, "label": c.label, "channels": c.channels, "val_cluster_acc": acc})
+        if acc >= threshold:
+            return c, router, acc, tried
+        if best is None or acc > best[2]:
+            best = (c, router, acc)
+    if best is None:
+        raise UnsupportedGraph("SINF found no node to attach a router at (no ReLU or pooling that cuts the graph)")
+    return (*best, tried)
 
 
 # ---------------------------------------------------------------------------------------------- clusters
@@ -418,20 +441,15 @@ def build(
     names = [c.node for c in candidates]
     f_train, f_val = gap_features(gm, names, x_train), gap_features(gm, names, x_val)
     z_train, z_val = cluster_of[splits.train.y[:n_train]], cluster_of[splits.val.y]
-    tried, chosen = [], None
-    for c in candidates:
+
+    def fit(c: Candidate) -> tuple[Router, float]:
         router, acc = train_router(
             f_train[c.node], z_train, f_val[c.node], z_val, k, cfg.router_hidden, cfg.router_epochs, cfg.seed
         )
-        tried.append({"node": c.node, "label": c.label, "channels": c.channels, "val_cluster_acc": acc})
         log(f"sinf: router at {c.label} ({c.channels} channels, {c.hw[0]}x{c.hw[1]}): val cluster accuracy {acc:.4f}")
-        if chosen is None or acc > chosen[2]:
-            chosen = (c, router, acc)
-        if acc >= cfg.threshold:
-            chosen = (c, router, acc)
-            break
-    assert chosen is not None
-    cand, router, router_acc = chosen
+        return router, acc
+
+    cand, router, router_acc, tried = attach_router(candidates, fit, cfg.threshold)
     if router_acc < cfg.threshold:
         log(f"sinf: warning: no attachment point reached {cfg.threshold:.0%}; using the best, {cand.label}")
     router = router.to(device)

@@ -197,3 +197,77 @@ def test_full_fallback_reports_the_base_and_keeps_route_accuracy(built, splits):
     assert fallback["fallback_rate"] == 1.0 and fallback["top1"] == pytest.approx(fallback["base_top1"])
     assert fallback["route_acc"] == pytest.approx(routed["route_acc"])  # the router's choice, used or not
     assert fallback["macs_per_input"] == fallback["base_macs"] + fallback["macs_router"]
+
+
+def _candidates(n: int) -> list:
+    from prune_cli.graphsplit import Candidate
+
+    return [Candidate(f"node{i}", f"layer{i}", 8, (4, 4)) for i in range(n)]
+
+
+@pytest.mark.parametrize(
+    ("accuracies", "chosen", "trained"),
+    [
+        ([0.5, 0.8, 0.9, 0.95], 1, 2),  # the earliest at or above the threshold, not the best; later ones untrained
+        ([0.5, 0.75, 0.9], 1, 2),  # exactly at the threshold counts
+        ([0.8, 0.5, 0.9], 0, 1),  # the first candidate already qualifies
+        ([0.5, 0.7, 0.6, 0.7], 1, 4),  # none reaches it: the most accurate, the earliest of equals
+    ],
+)
+def test_router_attaches_at_the_earliest_candidate_reaching_the_threshold(accuracies, chosen, trained):
+    candidates = _candidates(len(accuracies))
+    fitted = []
+
+    def fit(c):
+        fitted.append(c.node)
+        return sinf.Router(c.channels, 3), accuracies[int(c.node[4:])]
+
+    cand, router, acc, tried = sinf.attach_router(candidates, fit, threshold=0.75)
+    assert cand == candidates[chosen] and acc == accuracies[chosen]
+    assert isinstance(router, sinf.Router)
+    assert fitted == [c.node for c in candidates[:trained]]
+    assert [t["val_cluster_acc"] for t in tried] == accuracies[:trained]
+
+
+def test_build_attaches_where_the_rule_says(built):
+    """The built model's cut is the first tried candidate at or above the threshold (or the best if none is)."""
+    tried = built.manifest["router"]["candidates"]
+    accs = [t["val_cluster_acc"] for t in tried]
+    reached = [i for i, a in enumerate(accs) if a >= CFG.threshold]
+    expected = reached[0] if reached else max(range(len(accs)), key=lambda i: (accs[i], -i))
+    assert reached == ([len(tried) - 1] if reached else [])  # training stopped at the first one that qualified
+    assert built.cut == tried[expected]["node"] and built.manifest["router"]["val_cluster_acc"] == accs[expected]
+
+
+def _kept_channels(built, m: int, g) -> torch.Tensor:
+    """Indices of group g's channels that cluster m's subgraph kept, read back from its BatchNorm's gamma."""
+    bn = g.norms[0].module
+    base_gamma = built.base.get_submodule(bn).weight.detach()
+    tail_gamma = built.model.subgraphs[m].get_submodule(bn).weight.detach()
+    assert len(base_gamma.unique()) == len(base_gamma)  # the gammas identify the channels
+    return torch.tensor([int((base_gamma == v).nonzero()) for v in tail_gamma])
+
+
+def test_each_cluster_keeps_its_own_top_dcs_channels(built, splits):
+    from criteria.dcs import dcs_scores
+
+    fractions = sinf.removal_fractions(len(built.groups), CFG.r_M, CFG.r_L)
+    kept_sets = []
+    for m, classes in enumerate(built.model.clusters):
+        # The stored scores are DCS on this cluster's own training images, not another cluster's.
+        idx = sinf.cluster_images(splits.train.y, classes, CFG.dcs_images_per_class, others=len(classes) == 1)
+        x = D.to_float(splits.train.x[idx], splits)
+        fresh = dcs_scores(built.base, built.groups, x, splits.train.y[idx], classes=classes, options=CFG.dcs)
+        per_group = []
+        for g, r in zip(built.groups, fractions, strict=True):
+            assert torch.allclose(built.scores[m][g.id], fresh[g.id], atol=1e-6)
+            kept = _kept_channels(built, m, g)
+            removed = torch.ones(g.size, dtype=torch.bool)
+            removed[kept] = False
+            assert len(kept) == max(1, round(g.size * (1 - r)))
+            s = built.scores[m][g.id]
+            if removed.any():  # every kept channel scores at least as high as every removed one
+                assert s[kept].min() >= s[removed].max()
+            per_group.append(frozenset(kept.tolist()))
+        kept_sets.append(per_group)
+    assert len({tuple(k) for k in kept_sets}) > 1  # clusters do keep different channels

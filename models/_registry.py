@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Collection
+from typing import Any
 
 from torch import nn
 
-from prune_cli.errors import BadValue, PruneCliError, UnknownName
+from prune_cli.errors import BadModelFile, BadValue, PruneCliError, UnknownName
 from prune_cli.registry import Registry
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
@@ -54,6 +56,94 @@ def resolve_factory(name: str) -> Callable[..., nn.Module]:
     return MODELS.get(name)
 
 
+def check_file_factory(name: object, trust: Collection[str], source: str = "the model file") -> str:
+    """The factory named in a model file, if it may be built: a zoo name, a registered torchvision classifier, or a
+    `package.module:factory` that the user trusts for this run. Imports nothing of an untrusted name: a file could
+    name `os:system` or a module that acts on import, so resolving it would run the file's code."""
+    if not isinstance(name, str) or not name:
+        raise BadModelFile(f"{source} names no model factory (architecture 'factory' is {name!r})")
+    if name.startswith("torchvision:"):
+        import torchvision.models as tvm
+
+        arch = name.split(":", 1)[1]
+        if arch not in tvm.list_models(module=tvm):
+            raise BadModelFile(f"{source} names {_shown(name)}, which is not a torchvision classifier")
+        return name
+    if ":" in name:
+        if name not in trust:
+            raise BadModelFile(
+                f"{source} names the model factory {_shown(name)}, which is neither in the zoo nor a torchvision "
+                f"classifier; loading it would import and run that code: if you trust it, pass --trust-factory {name}"
+            )
+        return name
+    if name not in MODELS:
+        raise UnknownName("model", name, MODELS.names())
+    return name
+
+
+def check_file_kwargs(name: str, kwargs: object, source: str = "the model file") -> dict[str, Any]:
+    """A model file's factory arguments, as data: a mapping of the factory's own parameter names to JSON scalars of
+    the type of the parameter's default, sizes within bounds. Nothing is passed blindly."""
+    if not isinstance(kwargs, dict):
+        raise BadModelFile(f"{source}: the factory arguments must be a mapping, not {type(kwargs).__name__}")
+    if name.startswith("torchvision:"):
+        # Builders take **kwargs for their model class; a file may set only what create_model records.
+        allowed: dict[str, Any] | None = {"num_classes": 1000, **_TORCHVISION_DEFAULTS.get(name.split(":", 1)[1], {})}
+    else:
+        allowed = _parameter_defaults(resolve_factory(name))
+    for key, value in kwargs.items():
+        if allowed is not None and key not in allowed:
+            known = ", ".join(sorted(allowed)) or "none"
+            raise BadModelFile(f"{source}: {name} takes no argument {_shown(key)} (it takes: {known})")
+        default = allowed.get(key) if allowed is not None else None
+        problem = _json_value_problem(value, default)
+        if problem:
+            raise BadModelFile(f"{source}: argument {key}={_shown(value)} of {name} {problem}")
+    return kwargs
+
+
+MAX_SIZE = 1 << 20  # a bound on any size a file may ask for (classes, channels), so that it cannot exhaust memory
+
+
+def _json_value_problem(value: object, default: object) -> str | None:
+    """Why `value` cannot be passed where the factory's default is `default` (None: it can)."""
+    if value is None or isinstance(value, str):
+        return None if default is None or isinstance(default, type(value)) else f"must be a {type(default).__name__}"
+    if isinstance(value, bool):
+        return None if default is None or isinstance(default, bool) else f"must be a {type(default).__name__}"
+    if isinstance(value, int):
+        if isinstance(default, bool) or isinstance(default, str):
+            return f"must be a {type(default).__name__}"
+        if isinstance(default, int) and default > 0 and not 1 <= value <= MAX_SIZE:
+            return f"must be a size from 1 to {MAX_SIZE}"
+        return None if abs(value) <= MAX_SIZE else "is out of range"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "must be finite"
+        return None if default is None or isinstance(default, float) else f"must be a {type(default).__name__}"
+    return "must be a number, a string, true/false or null"
+
+
+def _parameter_defaults(factory: Callable) -> dict[str, Any] | None:
+    """Each named parameter's default (None where it has none); None if the factory accepts any name."""
+    try:
+        params = list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {
+        p.name: None if p.default is inspect.Parameter.empty else p.default
+        for p in params
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def create_model(name: str, num_classes: int | None = None, in_channels: int | None = None, **kwargs) -> nn.Module:
     """Build a model. Arguments left as None are not passed, so a factory's own defaults apply.
 
@@ -70,7 +160,7 @@ def create_model(name: str, num_classes: int | None = None, in_channels: int | N
             args = {k: v for k, v in args.items() if k in accepted}
     try:
         model = factory(**args)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RuntimeError) as exc:
         raise BadValue(f"cannot build model {name!r} with {args}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise PruneCliError(f"model factory {name!r} returned {type(model).__name__}, not a torch.nn.Module")

@@ -13,6 +13,7 @@ from prune_cli.cli import ui
 
 def info(
     model_file: Annotated[Path, typer.Argument(help="A .safetensors model file written by prune-cli.")],
+    trust_factory: O.TrustFactory = None,
     json: O.Json = False,
 ) -> None:
     """Architecture, pruned widths, parameter and MAC counts, and provenance of MODEL_FILE."""
@@ -21,9 +22,10 @@ def info(
     from prune_cli import metrics
     from prune_cli.modelfile import build_architecture, load_model, module_widths, read_metadata
 
+    trust = trust_factory or ()
     arch, meta = read_metadata(model_file)
-    model = load_model(model_file)
-    original = module_widths(build_architecture({**arch, "widths": {}, "dynamic": None}))
+    model = load_model(model_file, trust=trust)
+    original = module_widths(build_architecture({**arch, "widths": {}, "dynamic": None}, trust=trust))
     pruned = {
         name: f"{original[name]['out']} -> {w['out']}"
         for name, w in arch["widths"].items()

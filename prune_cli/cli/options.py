@@ -61,4 +61,13 @@ FastWidths = Annotated[
     ),
 ]
 MaxRatio = Annotated[float, typer.Option(help="Most a group may lose.", rich_help_panel=PRUNE)]
+TrustFactory = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--trust-factory",
+        help="Let a model file be built by this package.module:factory of yours: it is imported and run, so name only "
+        "code you trust (repeatable). Without it a file may name only a zoo model or a torchvision classifier.",
+        rich_help_panel=RUN,
+    ),
+]
 CalibImages = Annotated[int, typer.Option(help="Calibration images for scoring.", rich_help_panel=PRUNE)]

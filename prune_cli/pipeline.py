@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import platform
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +65,13 @@ def recorded_normalisation(info: dict, dataset: str) -> dict | None:
 
 def load_model_and_data(
     model_file: str | Path, dataset: str | None, data_dir: Path | None, *, seed: int = 0,
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "cpu", trust: Collection[str] = (),
 ) -> tuple[nn.Module, str, D.Splits]:  # fmt: skip
-    """A saved model and the splits of its dataset (by default the one recorded in the file)."""
+    """A saved model and the splits of its dataset (by default the one recorded in the file). `trust`: the user
+    factories the file may name (see `modelfile.load_model`)."""
     from prune_cli.modelfile import load_model
 
-    model = load_model(model_file, device)
+    model = load_model(model_file, device, trust=trust)
     info = getattr(model, "prune_cli_info", {})
     dataset = dataset or info.get("dataset")
     if dataset is None:

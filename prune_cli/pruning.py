@@ -8,7 +8,7 @@ Data flow (DESIGN.md): model file -> channel groups -> criterion.run(context) ->
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,12 +154,14 @@ def plan_from_result(result: Result, ctx: Context, job: PruneJob) -> tuple[dict,
 def run(
     model_file: str | Path, job: PruneJob, *, dataset: str | None = None, data_dir: Path | None = None,
     device: torch.device | None = None, reporter: engine.Reporter | None = None,
-    log: Callable[[str], None] = lambda m: None, time_latency: bool = True,
+    log: Callable[[str], None] = lambda m: None, time_latency: bool = True, trust: Collection[str] = (),
 ) -> Outcome:  # fmt: skip
     """Prune the model in `model_file` as `job` says; return the pruned model and before/after measurements
     (without latency if not `time_latency`: `compare` times the models of its worker processes later, one by one)."""
     device = device or engine.default_device()
-    base, dataset, splits = pipeline.load_model_and_data(model_file, dataset, data_dir, seed=job.seed, device=device)
+    base, dataset, splits = pipeline.load_model_and_data(
+        model_file, dataset, data_dir, seed=job.seed, device=device, trust=trust
+    )
     criterion = build_criterion(job.criterion, job.options)
     before = _measure(base, splits, device, top1=_base_top1(model_file, dataset, base, splits, device))
     example = pipeline.example_input(splits).to(device)

@@ -42,7 +42,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -522,8 +522,9 @@ def _save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
 
 
-def load(path: str | Path, device: torch.device | str = "cpu") -> Sinf:
-    """Rebuild a saved SINF model: base from its model file, subgraphs from their widths and weights."""
+def load(path: str | Path, device: torch.device | str = "cpu", *, trust: Collection[str] = ()) -> Sinf:
+    """Rebuild a saved SINF model: base from its model file, subgraphs from their widths and weights. `trust`: user
+    factories the base model file may name (see `modelfile.load_model`)."""
     from prune_cli.modelfile import build_architecture, load_model, read_metadata
 
     path = Path(path)
@@ -537,14 +538,14 @@ def load(path: str | Path, device: torch.device | str = "cpu") -> Sinf:
     if manifest.get("format") != FORMAT:
         raise BadModelFile(f"{manifest_path} is not a {FORMAT} manifest")
     try:
-        base = load_model(path / "base.safetensors", device)
+        base = load_model(path / "base.safetensors", device, trust=trust)
         arch, _ = read_metadata(path / "base.safetensors")
         cut, clusters = manifest["cut"], manifest["clusters"]
         extractor, full_tail = split(trace(base), cut)
         weights = load_file(str(path / "subgraphs.safetensors"), device=str(device))
         tails = []
         for m, widths in enumerate(manifest["widths"]):
-            pruned = build_architecture({**arch, "widths": widths})
+            pruned = build_architecture({**arch, "widths": widths}, trust=trust, source=path)
             tail = split(trace(pruned), cut)[1]
             prefix = f"{m}/"
             tail.load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})

@@ -36,6 +36,7 @@ def compare(
         int,
         typer.Option("--jobs", "-j", help="Cells run in parallel processes (threads divided).", rich_help_panel=O.RUN),
     ] = 1,  # fmt: skip
+    trust_factory: O.TrustFactory = None,
     device: O.Device = None,
     threads: O.Threads = None,
     quiet: O.Quiet = False,
@@ -58,7 +59,9 @@ def compare(
         exp = replace(exp, finetune=replace(exp.finetune, epochs=finetune_epochs))
     dev = pipeline.setup_runtime(device, threads, 0)
     with ui.RichReporter() as reporter:
-        result = grid.run_grid(exp, jobs=jobs, device=dev, reporter=reporter, log=ui.info, warn=ui.warn)
+        result = grid.run_grid(
+            exp, jobs=jobs, device=dev, reporter=reporter, log=ui.info, warn=ui.warn, trust=trust_factory or ()
+        )
     lb = report.write(result.records, exp.out_dir, title=exp.name)
     ui.info(f"{result.ran} cells run, {result.skipped} reused; leaderboard written to {exp.out_dir}")
     show(lb)

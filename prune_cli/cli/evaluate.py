@@ -18,6 +18,7 @@ def evaluate(
     split: Annotated[str, typer.Option(help="test or val.", rich_help_panel=O.DATA)] = "test",
     latency_batches: O.LatencyBatches = "1,64",
     seed: O.Seed = 0,
+    trust_factory: O.TrustFactory = None,
     device: O.Device = None,
     threads: O.Threads = None,
     json: O.Json = False,
@@ -35,7 +36,9 @@ def evaluate(
     batches = pipeline.parse_batches(latency_batches)
     if split not in ("test", "val"):
         raise BadValue(f"--split must be test or val, got {split!r}")
-    net, dataset, splits = pipeline.load_model_and_data(model_file, dataset, data_dir, seed=seed, device=dev)
+    net, dataset, splits = pipeline.load_model_and_data(
+        model_file, dataset, data_dir, seed=seed, device=dev, trust=trust_factory or ()
+    )
     result = engine.evaluate(net, getattr(splits, split), splits, device=dev)
     row = {
         "model_file": str(model_file),

@@ -36,6 +36,7 @@ def prune(
     ] = None,
     latency_batches: O.LatencyBatches = "1,64",
     seed: O.Seed = 0,
+    trust_factory: O.TrustFactory = None,
     device: O.Device = None,
     threads: O.Threads = None,
     json: O.Json = False,
@@ -65,7 +66,7 @@ def prune(
     )  # fmt: skip
     with ui.RichReporter() as reporter:
         outcome = pruning.run(model_file, job, dataset=dataset, data_dir=data_dir, device=dev, reporter=reporter,
-                              log=ui.info)  # fmt: skip
+                              log=ui.info, trust=trust_factory or ())  # fmt: skip
     if out is not None:
         pruning.save(outcome, out)
     if warning := pipeline.busy_machine_warning(outcome.after):

@@ -56,6 +56,7 @@ def score(
     dataset: O.Dataset = None,
     data_dir: O.DataDir = None,
     seed: O.Seed = 0,
+    trust_factory: O.TrustFactory = None,
     device: O.Device = None,
     threads: O.Threads = None,
     quiet: O.Quiet = False,
@@ -88,7 +89,9 @@ def score(
     if criterion != "all" and crits[criterion].dynamic:
         raise BadValue(f"{criterion!r} is a dynamic criterion: it has no static channel scores to write")
     dev = pipeline.setup_runtime(device, threads, seed)
-    base, dataset, splits = pipeline.load_model_and_data(model_file, dataset, data_dir, seed=seed, device=dev)
+    base, dataset, splits = pipeline.load_model_and_data(
+        model_file, dataset, data_dir, seed=seed, device=dev, trust=trust_factory or ()
+    )
     example = pipeline.example_input(splits).to(dev)
     groups = surgery.channel_groups(base, example)
     in_scope = selection.groups_in_scope(groups, scope)
@@ -126,7 +129,9 @@ def score(
             if sweep := getattr(result, "extra", {}).get("sweep"):
                 write_sweep(out, sweep, result.extra.get("baseline"))
             if compare_checkpoint is not None:
-                other, _, _ = pipeline.load_model_and_data(compare_checkpoint, dataset, data_dir, seed=seed, device=dev)
+                other, _, _ = pipeline.load_model_and_data(
+                    compare_checkpoint, dataset, data_dir, seed=seed, device=dev, trust=trust_factory or ()
+                )
                 ui.info(f"scoring {compare_checkpoint} with {name} for the ranking comparison")
                 _, other_result, _, _ = score_one(other, name, reporter)
                 compare_rankings(result, other_result, out, str(model_file), str(compare_checkpoint))

@@ -64,6 +64,7 @@ def build(
         "internal"
     ),
     seed: O.Seed = 0,
+    trust_factory: O.TrustFactory = None,
     device: O.Device = None,
     threads: O.Threads = None,
     json: O.Json = False,
@@ -95,7 +96,9 @@ def build(
         dcs=build_dataclass(DCSOptions, parse_key_values(opt), "dcs option"),
         seed=seed,
     )
-    base, dataset, splits = pipeline.load_model_and_data(model_file, dataset, data_dir, seed=seed, device=dev)
+    base, dataset, splits = pipeline.load_model_and_data(
+        model_file, dataset, data_dir, seed=seed, device=dev, trust=trust_factory or ()
+    )
     built = sinf.build(base, splits, cfg, device=dev, log=ui.info)
     sinf.save(
         built,
@@ -157,6 +160,7 @@ def evaluate(
         Path | None, typer.Option(help="Folder for sweep.{csv,md,png} (default: FOLDER).", rich_help_panel=O.OUTPUT)
     ] = None,
     seed: O.Seed = 0,
+    trust_factory: O.TrustFactory = None,
     device: O.Device = None,
     threads: O.Threads = None,
     json: O.Json = False,
@@ -176,7 +180,7 @@ def evaluate(
     batches = pipeline.parse_batches(latency_batches)
     if split not in ("test", "val"):
         raise BadValue(f"--split must be test or val, got {split!r}")
-    built = sinf.load(folder, dev)
+    built = sinf.load(folder, dev, trust=trust_factory or ())
     info = built.manifest.get("info", {})
     if gamma is not None:
         if not 0 <= gamma <= 1:

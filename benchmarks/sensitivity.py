@@ -56,12 +56,12 @@ def bench(name: str, args, calib: CalibData) -> None:
         t0, c0 = time.perf_counter(), time.process_time()
         result = cls(opts).run(ctx)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        runs.append((reuse, wall, cpu, result.extra["evaluations"]))
+        runs.append((reuse, wall, cpu, result.extra["evaluations"], len(result.extra["sensitivity"])))
     # timed before and after the sweeps: the machine may be shared, so take the faster of the two medians
     t_after = full_eval_s(model, calib, args.batch_size, args.repeats)
     t_full, c_full = min(t_before[0], t_after[0]), min(t_before[1], t_after[1])
-    for reuse, wall, cpu, n in runs:
-        print(f"{name:9s} scope {args.scope:8s} {'cut ' if reuse else 'whole'}  groups {len(ctx.groups):2d}  "
+    for reuse, wall, cpu, n, swept in runs:  # swept: the groups the sweep damages (layers=conv: conv groups only)
+        print(f"{name:9s} scope {args.scope:8s} {'cut ' if reuse else 'whole'}  groups {swept:2d}  "
               f"evaluations {n:4d}  full eval {t_full * 1e3:7.1f} ms  sweep {wall:7.2f} s  "
               f"figure {wall / (n * t_full):.3f}  (CPU-time figure {cpu / (n * c_full):.3f})", flush=True)  # fmt: skip
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -50,10 +51,12 @@ def check_own_packages() -> None:
     """`models` and `criteria` are common names: make sure the imported ones are ours, not a user's."""
     root = Path(__file__).resolve().parents[2]
     for name in ("models", "criteria"):
-        module = importlib.import_module(name)
-        places = [Path(p).resolve() for p in getattr(module, "__path__", [])]
+        # find_spec locates a top-level package without running it: importing ours would import torch, which
+        # alone takes seconds, and `--help` should not wait for it.
+        spec = importlib.util.find_spec(name)
+        places = [Path(p).resolve() for p in (spec.submodule_search_locations or [])] if spec else []
         if (root / name) not in places:
-            where = ", ".join(map(str, places)) or getattr(module, "__file__", "?")
+            where = ", ".join(map(str, places)) or (spec.origin if spec else "missing")
             raise PruneCliError(
                 f"the imported package {name!r} is {where}, not prune-cli's ({root / name}); "
                 f"a package of yours shadows it: rename it or run from another folder"

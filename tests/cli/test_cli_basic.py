@@ -129,3 +129,13 @@ def test_shadowing_package_is_detected(tmp_path):
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 2 and "shadows" in proc.stderr
+
+
+def test_help_does_not_import_torch():
+    """`prune-cli --help` answers at once: neither the start-up check nor the commands' modules import torch."""
+    code = (
+        "import sys\nsys.argv = ['prune-cli', '--help']\nfrom prune_cli.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\nprint('torch imported:', 'torch' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "compare" in proc.stdout and "torch imported: False" in proc.stdout, proc.stdout + proc.stderr

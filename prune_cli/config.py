@@ -1,5 +1,10 @@
 """Strict mappings -> frozen dataclasses. Unknown keys are errors with a suggestion; values are converted
-to the field's annotated type (so `--opt q=3` and YAML `q: 3` give the same Options)."""
+to the field's annotated type (so `--opt q=3` and YAML `q: 3` give the same Options).
+
+`load_yaml` reads a user's YAML file strictly: safe types only, duplicate keys are errors (naming the key and
+its line), and the document's size, nesting and alias expansion are bounded, so a "billion laughs" file or a
+deeply nested one is refused at once instead of exhausting memory, time or the stack.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,130 @@ import dataclasses
 import types
 import typing
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
-from prune_cli.errors import BadConfig, UnknownName
+import yaml
+
+from prune_cli.errors import BadConfig, BadValue, UnknownName
 
 D = TypeVar("D")
+
+SEED_MAX = 2**32 - 1  # numpy's and scikit-learn's random_state take no larger seed
+
+
+def check_seed(seed: Any, what: str = "--seed") -> int:
+    """`seed` if it is an integer in 0..SEED_MAX, else BadValue."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise BadValue(f"{what} must be an integer in 0..{SEED_MAX}, got {seed!r}")
+    return seed
+
+
+# ------------------------------------------------------------------------------------------------------ YAML
+MAX_YAML_BYTES = 1 << 20  # an experiment file is a few hundred bytes
+MAX_YAML_DEPTH = 32  # nesting of mappings and lists
+MAX_YAML_VALUES = 100_000  # values in the document with every alias expanded
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, plus: duplicate keys are errors, and nesting and alias expansion are bounded."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._values = 0
+        self._sizes: dict[int, tuple[int, int]] = {}
+        self._open: list[str | None] = []  # anchors of the nodes being composed: an alias to one would be a cycle
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor in self._open:
+                raise BadConfig(f"the alias *{event.anchor} at line {event.start_mark.line + 1} is inside its anchor")
+            if event.anchor in self.anchors:  # an unknown alias is PyYAML's own error
+                size, depth = _expanded(self.anchors[event.anchor], self._sizes)
+                self._nest(self._depth + depth, event.start_mark)
+                self._count(size, event.start_mark)
+            return super().compose_node(parent, index)
+        mark, anchor = event.start_mark, getattr(event, "anchor", None)
+        self._depth += 1
+        self._nest(self._depth, mark)
+        self._open.append(anchor)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+            self._open.pop()
+        self._count(1, mark)
+        return node
+
+    def _nest(self, depth: int, mark: Any) -> None:
+        if depth > MAX_YAML_DEPTH:
+            raise BadConfig(f"nesting deeper than {MAX_YAML_DEPTH} levels (aliases expanded) at line {mark.line + 1}")
+
+    def _count(self, values: int, mark: Any) -> None:
+        self._values += values
+        if self._values > MAX_YAML_VALUES:
+            raise BadConfig(
+                f"the document expands to more than {MAX_YAML_VALUES:,} values (aliases at line {mark.line + 1}?)"
+            )
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`, then keys that override it
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    earlier = first.get(key)
+                except TypeError:  # an unhashable key: PyYAML's own error follows
+                    continue
+                line = key_node.start_mark.line + 1
+                if earlier is not None:
+                    raise BadConfig(f"duplicate key {key!r} at line {line} (first at line {earlier})")
+                first[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded(node: Any, memo: dict[int, tuple[int, int]]) -> tuple[int, int]:
+    """(values, nesting depth) under `node` with every alias expanded; memoised by node, so shared nodes cost one
+    visit each (the counts themselves may be astronomically large: that is what they are for)."""
+    key = id(node)
+    if key not in memo:
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = []
+        below = [_expanded(c, memo) for c in children]
+        memo[key] = (1 + sum(s for s, _ in below), 1 + max((d for _, d in below), default=0))
+    return memo[key]
+
+
+def load_yaml(path: str | Path) -> Any:
+    """The YAML document in `path`, read strictly (see the module docstring). Errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadValue(f"{path} does not exist or is not a file")
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise BadConfig(f"{path} is larger than {MAX_YAML_BYTES >> 10} KiB: not an experiment file")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise BadConfig(f"{path} is not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x})") from None
+    except OSError as exc:
+        raise BadValue(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506  (a SafeLoader subclass)
+    except BadConfig as exc:
+        raise BadConfig(f"{path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise BadConfig(f"{path} is not valid YAML: {problem}{where}") from None
 
 
 def build_dataclass(cls: type[D], values: Mapping[str, Any], where: str = "option") -> D:
@@ -20,6 +144,8 @@ def build_dataclass(cls: type[D], values: Mapping[str, Any], where: str = "optio
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, raw in values.items():
+        if not isinstance(key, str):
+            raise BadConfig(f"{where} {key!r} is not a name")
         name = key.replace("-", "_")
         if name not in fields:
             raise UnknownName(where, key, fields)
@@ -61,6 +187,8 @@ def convert(raw: Any, annotation: Any, what: str) -> Any:
                 return choice
         raise BadConfig(f"{what} must be one of {', '.join(map(str, args))}; got {raw!r}")
     if origin in (tuple, list):
+        if not isinstance(raw, (str, list, tuple)):
+            raise BadConfig(f"{what} must be a list, e.g. [{raw!r}]; got {raw!r}")
         items = raw.split(",") if isinstance(raw, str) else list(raw)
         elem = args[0] if args else str
         converted = [convert(i, elem, what) for i in items]
@@ -73,10 +201,16 @@ def convert(raw: Any, annotation: Any, what: str) -> Any:
         if str(raw).lower() in ("0", "false", "no", "off"):
             return False
         raise BadConfig(f"{what} must be true or false; got {raw!r}")
+    if origin is dict or annotation is dict:
+        if not isinstance(raw, Mapping) or not all(isinstance(k, str) for k in raw):
+            raise BadConfig(f"{what} must be a mapping of names to values; got {raw!r}")
+        return dict(raw)
     if annotation in (int, float, str):
+        if isinstance(raw, (Mapping, list, tuple, set)):
+            raise BadConfig(f"{what} must be a single {annotation.__name__}; got {raw!r}")
         try:
             value = annotation(raw)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise BadConfig(f"{what} must be {annotation.__name__}; got {raw!r}") from None
         if annotation is int and isinstance(raw, float) and raw != int(raw):
             raise BadConfig(f"{what} must be an integer; got {raw!r}")

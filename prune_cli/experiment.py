@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from prune_cli.api import Target
-from prune_cli.config import build_dataclass
+from prune_cli.config import build_dataclass, check_seed, load_yaml
+from prune_cli.engine import TrainConfig
 from prune_cli.errors import BadConfig, BadValue
 from prune_cli.pruning import PruneJob, build_criterion
 
@@ -145,10 +145,7 @@ def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -
     path = Path(path)
     if not path.is_file():
         raise BadValue(f"experiment file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise BadConfig(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    raw = load_yaml(path)
     if not isinstance(raw, dict):
         raise BadConfig(f"{path} must hold a mapping of experiment keys")
     raw.setdefault("name", path.stem)
@@ -168,6 +165,16 @@ def parse_experiment(raw: dict[str, Any]) -> Experiment:
         Target(exp.metric, t)  # type: ignore[arg-type]  (validates range and metric)
     if not exp.targets or not exp.seeds:
         raise BadConfig("an experiment needs at least one target and one seed")
+    for seed in (*exp.seeds, exp.base.seed):
+        check_seed(seed, "seeds")
+    if not exp.latency_batches or min(exp.latency_batches) < 1:
+        raise BadConfig(f"`latency_batches` must be positive batch sizes, got {list(exp.latency_batches)}")
+    if not (math.isfinite(exp.latency_seconds) and exp.latency_seconds > 0):
+        raise BadConfig(f"`latency_seconds` must be a positive number of seconds, got {exp.latency_seconds}")
+    # The training recipes are checked now (finite positive lr, weight decay >= 0...), not when a cell first trains.
+    b, ft = exp.base, exp.finetune
+    TrainConfig(epochs=b.epochs, lr=b.lr, batch_size=b.batch_size, seed=b.seed)
+    TrainConfig(epochs=ft.epochs, lr=ft.lr, batch_size=ft.batch_size, weight_decay=ft.weight_decay)
     titles = [c.title for c in exp.criteria]
     if len(set(titles)) != len(titles):
         raise BadConfig(f"criteria entries must differ (give a `label`): {titles}")

@@ -45,8 +45,15 @@ class TrainConfig:
     def __post_init__(self):
         if self.epochs < 0 or self.batch_size < 1:
             raise BadValue(f"epochs must be >= 0 and batch size >= 1 (got {self.epochs}, {self.batch_size})")
-        if not self.lr > 0:
-            raise BadValue(f"learning rate must be positive, got {self.lr}")
+        # `not x > 0` alone lets inf through, and NaN fails every comparison: say "finite" where it matters.
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise BadValue(f"learning rate must be a positive finite number, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise BadValue(f"weight decay must be a finite number >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0):
+            raise BadValue(f"warm-up epochs must be a finite number >= 0, got {self.warmup_epochs}")
+        if not 0 <= self.momentum < 1:
+            raise BadValue(f"momentum must be in [0, 1), got {self.momentum}")
         if not 0 <= self.label_smoothing < 1:
             raise BadValue(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
 
@@ -143,6 +150,12 @@ def train(
     `after_epoch(model, epochs_done, history)` runs after each epoch's checkpoint (e.g. to save a snapshot).
     Returns the per-epoch history (train loss/acc, val top-1, seconds, images/s).
     """
+    if cfg.epochs and cfg.batch_size > len(splits.train):
+        # Batches drop the last incomplete one (BatchNorm needs more than one image): not one step would be taken.
+        raise BadValue(
+            f"batch size {cfg.batch_size} is more than the {len(splits.train)} training images of {splits.dataset}: "
+            f"give a batch size of at most {len(splits.train)}"
+        )
     device = device or default_device()
     model.to(device)
     torch.manual_seed(cfg.seed)

@@ -17,6 +17,7 @@ from torch import nn
 import models
 from prune_cli import data as D
 from prune_cli import metrics
+from prune_cli.config import check_seed
 from prune_cli.errors import BadValue
 from prune_cli.modelfile import load_weights
 
@@ -27,6 +28,7 @@ def setup_runtime(device: str | None = None, threads: int | None = None, seed: i
         if threads < 1:
             raise BadValue(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
+    check_seed(seed)
     torch.manual_seed(seed)
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -36,6 +38,11 @@ def setup_runtime(device: str | None = None, threads: int | None = None, seed: i
         raise BadValue(f"unknown device {device!r} ({exc})") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BadValue("--device cuda was asked for, but torch sees no CUDA GPU")
+    try:  # a real computation and a copy back: `meta` has no data, other back-ends may be absent from this build
+        torch.ones(1, device=dev).add(1).cpu()
+    except Exception as exc:  # torch raises RuntimeError, NotImplementedError or AssertionError, by back-end
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+        raise BadValue(f"--device {device!r} cannot run models here ({first})") from None
     return dev
 
 
@@ -81,6 +88,7 @@ def load_model_and_data(
         dataset, data_dir, model_name=model.prune_cli_arch["factory"], seed=seed,
         normalisation=recorded_normalisation(info, dataset),
     )  # fmt: skip
+    check_runs_on(model, str(model_file), splits, trained_on=info.get("input_shape"))
     return model, dataset, splits
 
 
@@ -95,18 +103,30 @@ def new_model(name: str, splits: D.Splits, weights: Path | None = None) -> nn.Mo
 
 
 @torch.no_grad()
-def check_runs_on(model: nn.Module, name: str, splits: D.Splits) -> None:
-    """One image through the model, before any training: a model too deep for small images (inception_v3 on 8x8
-    digits pools them away) fails here with one line, not minutes later with a traceback."""
-    x = example_input(splits)
+def check_runs_on(model: nn.Module, name: str, splits: D.Splits, trained_on: Sequence[int] | None = None) -> None:
+    """One image through the model before any work, and an output for every class of the data: a model too deep
+    for small images (inception_v3 on 8x8 digits pools them away), RGB data for a grey model (`trained_on`: the
+    (C, H, W) a model file records) or a dataset with more classes than outputs fail here with one line, not
+    minutes later with a traceback."""
+    x = example_input(splits).to(next(model.parameters(), torch.empty(0)).device)
+    shape = tuple(x.shape[1:])
+    recorded = list(trained_on) if isinstance(trained_on, (list, tuple)) and len(trained_on) == 3 else None
+    if recorded and isinstance(recorded[0], int) and recorded[0] != shape[0]:
+        raise BadValue(
+            f"{name} takes {recorded[0]}-channel images, but {splits.dataset}'s have {shape[0]} channels "
+            f"(the model was trained on {tuple(recorded)} images)"
+        )
     was_training = model.training
     try:
-        model.eval()(x)
+        logits = model.eval()(x)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BadValue(f"model {name} cannot run on {tuple(x.shape[1:])} images: {first}") from exc
+        raise BadValue(f"model {name} cannot run on {shape} images of {splits.dataset}: {first}") from exc
     finally:
         model.train(was_training)
+    outputs = logits.shape[-1] if isinstance(logits, torch.Tensor) and logits.dim() == 2 else None
+    if outputs is not None and outputs < splits.num_classes:
+        raise BadValue(f"{splits.dataset} has {splits.num_classes} classes, but model {name} has {outputs} outputs")
 
 
 def train_and_save(

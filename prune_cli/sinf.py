@@ -50,6 +50,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -532,17 +533,25 @@ def load(path: str | Path, device: torch.device | str = "cpu", *, trust: Collect
     if not manifest_path.is_file():
         raise BadModelFile(f"{path} is not a SINF folder (no sinf.json; make one with `prune-cli sinf build`)")
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BadModelFile(f"{manifest_path} is not valid JSON ({exc})") from exc
-    if manifest.get("format") != FORMAT:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise BadModelFile(f"{manifest_path} is not valid JSON ({type(exc).__name__}: {exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BadModelFile(f"{manifest_path} is not a {FORMAT} manifest")
+    # The tensor files first: a corrupt one is named as such, before any model is built from the manifest.
+    tensors = {}
+    for name in ("subgraphs", "router", "scores"):
+        file = path / f"{name}.safetensors"
+        try:
+            tensors[name] = load_file(str(file), device=str(device) if name != "scores" else "cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise BadModelFile(f"{file} is not a readable .safetensors file ({exc})") from None
     try:
         base = load_model(path / "base.safetensors", device, trust=trust)
         arch, _ = read_metadata(path / "base.safetensors")
         cut, clusters = manifest["cut"], manifest["clusters"]
         extractor, full_tail = split(trace(base), cut)
-        weights = load_file(str(path / "subgraphs.safetensors"), device=str(device))
+        weights = tensors["subgraphs"]
         tails = []
         for m, widths in enumerate(manifest["widths"]):
             pruned = build_architecture({**arch, "widths": widths}, trust=trust, source=path)
@@ -551,21 +560,22 @@ def load(path: str | Path, device: torch.device | str = "cpu", *, trust: Collect
             tail.load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
             tails.append(tail.to(device).eval())
         router = Router(manifest["cut_channels"], len(clusters), manifest["router"]["hidden"])
-        router.load_state_dict(load_file(str(path / "router.safetensors"), device=str(device)))
-        raw = load_file(str(path / "scores.safetensors"))
-    except (KeyError, RuntimeError, OSError) as exc:
-        raise BadModelFile(f"{path}: the SINF files do not fit together ({exc})") from exc
-    cfg = manifest["config"]
-    scores = [{gid: raw[f"{m}/{gid}"] for gid in manifest["groups"]} for m in range(len(clusters))]
-    model = SinfModel(
-        extractor, router.to(device).eval(), tails, full_tail, clusters, manifest["num_classes"],
-        cfg["gamma"], cfg["restrict"],
-    )  # fmt: skip
-    from prune_cli.surgery import channel_groups
+        router.load_state_dict(tensors["router"])
+        raw = tensors["scores"]
+        cfg = manifest["config"]
+        scores = [{gid: raw[f"{m}/{gid}"] for gid in manifest["groups"]} for m in range(len(clusters))]
+        model = SinfModel(
+            extractor, router.to(device).eval(), tails, full_tail, clusters, manifest["num_classes"],
+            cfg["gamma"], cfg["restrict"],
+        )  # fmt: skip
+        from prune_cli.surgery import channel_groups
 
-    example = torch.zeros(1, *_input_shape(manifest), device=device)
-    by_id = {g.id: g for g in channel_groups(base, example)}
-    groups = [by_id[gid] for gid in manifest["groups"]]
+        example = torch.zeros(1, *_input_shape(manifest), device=device)
+        by_id = {g.id: g for g in channel_groups(base, example)}
+        groups = [by_id[gid] for gid in manifest["groups"]]
+    # A manifest edited by hand can hold any JSON where a list, a number or a name is expected.
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError, OSError) as exc:
+        raise BadModelFile(f"{path}: the SINF files do not fit together ({type(exc).__name__}: {exc})") from None
     return Sinf(model.to(device).eval(), base, cut, groups, scores, manifest["widths"], manifest)
 
 

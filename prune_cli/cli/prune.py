@@ -69,6 +69,10 @@ def prune(
                               log=ui.info, trust=trust_factory or ())  # fmt: skip
     if out is not None:
         pruning.save(outcome, out)
+    if out is not None:
+        from prune_cli.io import check_output
+
+        check_output(out)  # now, not after the scoring and fine-tuning
     if warning := pipeline.busy_machine_warning(outcome.after):
         ui.warn(warning)
     if json:

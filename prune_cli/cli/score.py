@@ -71,6 +71,7 @@ def score(
     from prune_cli.api import Target, check_result
     from prune_cli.config import parse_key_values
     from prune_cli.errors import BadValue, PruneCliError
+    from prune_cli.io import check_output
 
     ui.quiet = quiet
     if target_macs is not None and target_params is not None:
@@ -78,6 +79,10 @@ def score(
     target = Target("params", target_params) if target_params is not None else Target("macs", target_macs or 0.5)
     if out.suffix != ".csv":
         raise BadValue(f"--out must end in .csv, got {out.name!r}")
+    # The files written beside OUT: their names must fit too.
+    beside = {"all": ["spearman.csv"], "sensitivity": ["sweep.csv", "sweep.png"]}.get(criterion, [])
+    beside += ["compare.csv"] if compare_checkpoint is not None else []
+    check_output(out, also=[f"{out.stem}_{s}" for s in beside])
     names = static_criteria() if criterion == "all" else [criterion]
     if compare_checkpoint is not None and criterion == "all":
         raise BadValue("--compare-checkpoint compares one criterion's layer rankings: name the criterion")
@@ -92,6 +97,11 @@ def score(
     base, dataset, splits = pipeline.load_model_and_data(
         model_file, dataset, data_dir, seed=seed, device=dev, trust=trust_factory or ()
     )
+    other = None
+    if compare_checkpoint is not None:  # a bad second file fails now, not after the first one is scored
+        other, _, _ = pipeline.load_model_and_data(
+            compare_checkpoint, dataset, data_dir, seed=seed, device=dev, trust=trust_factory or ()
+        )
     example = pipeline.example_input(splits).to(dev)
     groups = surgery.channel_groups(base, example)
     in_scope = selection.groups_in_scope(groups, scope)
@@ -128,10 +138,7 @@ def score(
             show(result, ctx, keep, report, name)
             if sweep := getattr(result, "extra", {}).get("sweep"):
                 write_sweep(out, sweep, result.extra.get("baseline"))
-            if compare_checkpoint is not None:
-                other, _, _ = pipeline.load_model_and_data(
-                    compare_checkpoint, dataset, data_dir, seed=seed, device=dev, trust=trust_factory or ()
-                )
+            if other is not None:
                 ui.info(f"scoring {compare_checkpoint} with {name} for the ranking comparison")
                 _, other_result, _, _ = score_one(other, name, reporter)
                 compare_rankings(result, other_result, out, str(model_file), str(compare_checkpoint))
@@ -362,4 +369,8 @@ def _order(values: Sequence[float]) -> list[int]:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("score")(ui.user_errors(score))
+    from prune_cli.io import all_or_nothing
+
+    # Scores, sweep, plot and comparison are renamed into place together at the end: a failure half-way (a second
+    # model file that cannot be compared) leaves no new file and changes no existing one.
+    app.command("score")(ui.user_errors(all_or_nothing(score)))

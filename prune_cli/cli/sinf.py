@@ -77,8 +77,10 @@ def build(
     from criteria.dcs import DCSOptions
     from prune_cli import pipeline, sinf
     from prune_cli.config import build_dataclass, parse_key_values
+    from prune_cli.io import check_output, deferred_writes
 
     ui.quiet = quiet
+    check_output(out, kind="folder")
     dev = pipeline.setup_runtime(device, threads, seed)
     cfg = sinf.SinfConfig(
         r_M=r_M,
@@ -100,16 +102,17 @@ def build(
         model_file, dataset, data_dir, seed=seed, device=dev, trust=trust_factory or ()
     )
     built = sinf.build(base, splits, cfg, device=dev, log=ui.info)
-    sinf.save(
-        built,
-        out,
-        model_file=str(model_file),
-        dataset=dataset,
-        data_dir=str(data_dir) if data_dir else None,
-        seed=seed,
-        machine=pipeline.machine(),
-        normalisation=pipeline.normalisation(splits),
-    )
+    with deferred_writes():  # the folder's files appear together or not at all
+        sinf.save(
+            built,
+            out,
+            model_file=str(model_file),
+            dataset=dataset,
+            data_dir=str(data_dir) if data_dir else None,
+            seed=seed,
+            machine=pipeline.machine(),
+            normalisation=pipeline.normalisation(splits),
+        )
     m = built.manifest
     row = {
         "out": str(out),
@@ -174,8 +177,11 @@ def evaluate(
     """
     from prune_cli import pipeline, sinf, sinf_report
     from prune_cli.errors import BadValue
+    from prune_cli.io import check_output, deferred_writes
 
     ui.quiet = quiet
+    if sweep:
+        check_output(sweep_out or folder, "--sweep-out", kind="folder")
     dev = pipeline.setup_runtime(device, threads, seed)
     batches = pipeline.parse_batches(latency_batches)
     if split not in ("test", "val"):
@@ -196,6 +202,8 @@ def evaluate(
         dataset, data_dir, model_name=built.base.prune_cli_arch["factory"], seed=info.get("seed", seed),
         normalisation=pipeline.recorded_normalisation(info, dataset),
     )  # fmt: skip
+    base_info = getattr(built.base, "prune_cli_info", {})
+    pipeline.check_runs_on(built.base, str(folder), splits, trained_on=base_info.get("input_shape"))
     data = getattr(splits, split)
     result = sinf_report.evaluate(built, data, splits, device=dev)
     result.update(sinf_report.latencies(built, data, splits, batches, device=dev))
@@ -207,7 +215,8 @@ def evaluate(
             rows = sinf_report.sweep(
                 built, data, splits, device=dev, log=ui.info, **{k: v for k, v in grids.items() if v}
             )
-        files = sinf_report.write_sweep(rows, sweep_out or folder, title=f"SINF sweep, {dataset} ({split})")
+        with deferred_writes():
+            files = sinf_report.write_sweep(rows, sweep_out or folder, title=f"SINF sweep, {dataset} ({split})")
         result["sweep"] = rows
         result["sweep_files"] = [str(f) for f in files]
     if json:

@@ -45,18 +45,22 @@ def train(
     A checkpoint (OUT.ckpt) is written after each epoch; --resume continues from it.
     """
     from prune_cli import engine, pipeline
+    from prune_cli.io import check_output
 
     ui.quiet = quiet
-    dev = pipeline.setup_runtime(device, threads, seed)
     if out.suffix != ".safetensors":
         raise_bad(f"--out must end in .safetensors, got {out.name!r}")
     if save_every < 0:
         raise_bad(f"--save-every must be >= 0, got {save_every}")
+    # Every value and the output path are checked before the data are read, let alone a model trained.
     cfg = engine.TrainConfig(
         epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,  # type: ignore[arg-type]
         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, augment=not no_augment, compile=compile,
         seed=seed,
     )  # fmt: skip
+    beside = [out.with_suffix(".ckpt").name] + ([pipeline.snapshot_path(out, epochs).name] if save_every else [])
+    check_output(out, also=beside)
+    dev = pipeline.setup_runtime(device, threads, seed)
     with ui.RichReporter() as reporter:
         summary = pipeline.train_and_save(
             model, dataset, data_dir, cfg, out, weights=weights, device=dev, resume=resume, reporter=reporter,

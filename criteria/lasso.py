@@ -31,8 +31,13 @@ consumers (scope `all`: residual groups; a shortcut and a block) solves one LASS
 outputs and refits each consumer. This is how VGG's last conv group (read by the classifier's Linear after the
 pool) and the hidden Linear group are treated. A group with any other consumer (depthwise, grouped, part of a
 concatenation) falls back to keeping the largest-L1 producer filters without refit (logged).
-ResNets: scope `internal` (default) prunes only the channels inside a block (the code's branch2a/2b); the code's
-channel sampler and the branch2c refit to the shortcut's drift are not built.
+ResNets: scope `internal` (default) prunes only the channels inside a block (the code's branch2a/2b). With
+`refit=residual` (the paper's multi-branch case, section 3.3), a consumer whose BatchNorm'd output is added to a
+shortcut (a block's last conv) is fitted to Y + (S_orig - S_cur) / a: S the shortcut's value in the original and
+the current model, a the BatchNorm's scale, so that the refit block's sum matches the original sum and the errors
+of earlier blocks, which the shortcut carries, are absorbed instead of accumulating. Which modules meet a shortcut
+is found from one recorded forward pass (the other operand of the addition that reads their output), so
+projection and identity shortcuts take one code path. The code's channel sampler is not built.
 
 Memory: X is float32 (S x c x kh*kw), the refit float64; with 1024 calibration images and a 512-channel 3x3
 consumer that is 10240 x 4608 values (190 MB, 380 MB in float64).
@@ -43,10 +48,12 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from criteria.similarity import following_norms, uniform_counts
 from prune_cli.api import ChannelGroup, Context, Criterion, Member, Plan, register_criterion
@@ -63,7 +70,10 @@ class LassoOptions:
     lasso_rows: int = 400  # sampled rows for the LASSO (the code's N')
     alpha: float = 1e-3  # first lambda
     rank_tol: float = 0.1  # stop bisecting once c' <= nnz <= c' (1 + rank_tol)
-    refit: bool = True  # least-squares reconstruction of the consumers (False: selection only, to ablate)
+    # least-squares reconstruction of the consumers: `layer` to each consumer's original output; `residual` the same,
+    # but a consumer whose (BatchNorm'd) output is added to a shortcut is fitted to the original sum, absorbing the
+    # shortcut's drift; `none`: selection only, to ablate. true / false read as layer / none.
+    refit: Literal["layer", "residual", "none"] | bool = "layer"
     max_ratio: float = 0.9
     batch_size: int = 128
 
@@ -74,6 +84,10 @@ class LassoOptions:
             raise BadValue("lasso: alpha must be > 0 and rank_tol >= 0")
         if not 0 < self.max_ratio < 1:
             raise BadValue(f"lasso: max_ratio must be in (0, 1), got {self.max_ratio}")
+        if isinstance(self.refit, bool):
+            object.__setattr__(self, "refit", "layer" if self.refit else "none")
+        if self.refit not in ("layer", "residual", "none"):
+            raise BadValue(f"lasso: refit must be layer, residual or none, got {self.refit!r}")
 
 
 @register_criterion()
@@ -95,6 +109,13 @@ class Lasso(Criterion):
         images = calib.x if order is None else calib.x[order]
         follow = following_norms(ctx.model, ctx.example_input)
         original, current = ctx.model, ctx.model
+        if o.refit == "residual":  # consumer -> the module whose output meets a shortcut in a residual sum
+            sites = {n: follow.get(n, n) for g in ctx.groups for n in {c.module for c in g.consumers}}
+            found = _shortcut_operands(ctx.model, ctx.example_input, set(sites.values()))
+            residual = {n: site for n, site in sites.items() if site in found}
+            ctx.log(f"lasso: {len(residual)} consumers refit to the original residual sum (shortcut drift absorbed)")
+        else:
+            residual = {}
         keep: dict[str, Tensor] = {}
         touched: set[str] = set()
         self.report: dict[str, dict[str, float]] = {}  # consumer -> relative sample errors before/after refit
@@ -109,10 +130,10 @@ class Lasso(Criterion):
                 ctx.log(f"lasso: group {g.id} has a consumer that cannot be refit; kept its largest-L1 filters")
                 current = prune(current, ctx.example_input, {g.id: kept})
             else:
-                samples = _sample(original, current, consumers, rows, images, o, ctx, salt=step)
+                samples = _sample(original, current, consumers, rows, images, o, ctx, salt=step, residual=residual)
                 kept = select_channels(samples, k, o, seed=ctx.seed + step)
                 overrides = {}
-                if o.refit:
+                if o.refit != "none":
                     for c in consumers:
                         overrides.update(self._refit(c, samples[c.module], kept, current, original, follow))
                     touched.update(overrides)
@@ -249,13 +270,71 @@ def _patches(x: Tensor, conv: nn.Conv2d, flat: Tensor, out_w: int) -> Tensor:
     return xp[b, :, rows, cols].permute(0, 1, 4, 2, 3)  # advanced indices first: (B, P, kh, kw, c) -> (B, P, c, ..)
 
 
+class _AddOperands(TorchFunctionMode):
+    """Records, for each watched tensor, the other operand of the first addition that reads it (a shortcut)."""
+
+    ADDS = frozenset({torch.add, Tensor.add, Tensor.add_, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__})
+
+    def __init__(self, watched: dict[int, tuple[str, Tensor]], found: dict[str, Tensor], wanted: int):
+        super().__init__()
+        self.watched, self.found, self.wanted = watched, found, wanted
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.ADDS and len(args) >= 2 and all(isinstance(a, Tensor) for a in args[:2]):
+            for mine, other in ((args[0], args[1]), (args[1], args[0])):
+                site = self.watched.get(id(mine))
+                if site is not None and site[1] is mine and site[0] not in self.found and other.shape == mine.shape:
+                    self.found[site[0]] = other.detach().clone()  # cloned before an in-place add or ReLU
+        out = func(*args, **(kwargs or {}))
+        if len(self.found) == self.wanted:
+            raise _Stop
+        return out
+
+
+@torch.no_grad()
+def _shortcut_operands(model: nn.Module, x: Tensor, sites: set[str]) -> dict[str, Tensor]:
+    """{site: the tensor added to the site module's output} for the sites whose output enters a residual sum,
+    (B, C, H, W) like the site's output; sites whose output is not summed with a same-shaped tensor are absent."""
+    watched: dict[int, tuple[str, Tensor]] = {}  # the tensor is held so that its id is not reused
+    found: dict[str, Tensor] = {}
+    modules = dict(model.named_modules())
+    handles = [
+        modules[n].register_forward_hook(lambda _m, _a, out, n=n: watched.__setitem__(id(out), (n, out))) for n in sites
+    ]
+    was_training = model.training
+    try:
+        model.eval()
+        with _AddOperands(watched, found, len(sites)):
+            model(x)
+    except _Stop:
+        pass
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return found
+
+
+def _bn_scale(model: nn.Module, site: str) -> Tensor:
+    """Per-channel factor from a conv's output to its BatchNorm's output in eval mode (C,); ones without one."""
+    m = model.get_submodule(site)
+    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
+        gamma = m.weight.detach() if m.weight is not None else torch.ones_like(m.running_var)
+        return gamma / (m.running_var + m.eps).sqrt()
+    return torch.ones(m.weight.shape[0], device=m.weight.device) if hasattr(m, "weight") else torch.ones(())
+
+
 @torch.no_grad()
 def _sample(
     original: nn.Module, current: nn.Module, consumers: list[Member], rows: dict[str, Tensor | None], images: Tensor,
-    o: LassoOptions, ctx: Context, salt: int,
+    o: LassoOptions, ctx: Context, salt: int, residual: dict[str, str] | None = None,
 ) -> dict[str, _Samples]:  # fmt: skip
+    """Per consumer its samples. With `residual` ({consumer: site}), a conv consumer whose site output is summed with
+    a shortcut gets the target Y + (shortcut_original - shortcut_current) / a, a the site BatchNorm's scale: its
+    refit output then makes the current sum equal the original one (He et al., section 3.3, multi-branch)."""
     gen = ctx.generator(salt=1000 + salt)
     names = [c.module for c in consumers]
+    drift = {c.module: residual[c.module] for c in consumers if residual and c.module in residual}
     layers = {c.module: current.get_submodule(c.module) for c in consumers}
     base = {c.module: original.get_submodule(c.module) for c in consumers}
     xs: dict[str, list[Tensor]] = {n: [] for n in names}
@@ -264,12 +343,22 @@ def _sample(
         batch = images[i : i + o.batch_size].to(ctx.device)
         outs = _capture(original, batch, names, want_input=False)
         ins = _capture(current, batch, names, want_input=True)
+        if drift:
+            sites = set(drift.values())
+            sc_orig, sc_cur = _shortcut_operands(original, batch, sites), _shortcut_operands(current, batch, sites)
         for c in consumers:
             n, y, x = c.module, outs[c.module], ins[c.module]
             if base[n].bias is not None:
                 y = y - (base[n].bias.view(1, -1, 1, 1) if y.dim() == 4 else base[n].bias)
             if rows[n] is not None:
                 y = y[:, rows[n].to(y.device)]
+            if n in drift and y.dim() == 4 and drift[n] in sc_orig and drift[n] in sc_cur:
+                d = sc_orig[drift[n]]
+                d = (d if rows[n] is None else d[:, rows[n].to(d.device)]) - sc_cur[drift[n]]
+                if d.shape == y.shape:  # else (residual channels pruned differently) the layer's own output
+                    a = _bn_scale(current, drift[n]).to(y.device).view(1, -1, 1, 1)
+                    # a channel whose BatchNorm nearly zeroes it cannot absorb a drift: leave its target alone
+                    y = y + torch.where(a.abs() > 1e-3, d / torch.where(a.abs() > 1e-3, a, 1.0), 0.0)
             if isinstance(layers[n], nn.Conv2d):
                 flat = torch.randint(y.shape[2] * y.shape[3], (len(y), o.points), generator=gen).to(y.device)
                 picked = y.flatten(2).gather(2, flat[:, None].expand(-1, y.shape[1], -1))  # (B, n, P)

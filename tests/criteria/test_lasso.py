@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 
 import models
+from criteria.lasso import LassoOptions, _shortcut_operands
 from prune_cli.api import CalibData, Context, Plan, Target, check_result, get_criterion
+from prune_cli.errors import BadValue
 from prune_cli.pruning import PruneJob, plan_from_result
 from prune_cli.selection import groups_in_scope
 from prune_cli.surgery import channel_groups, prune
@@ -166,3 +168,67 @@ def test_refit_beats_no_refit_on_a_random_model(tiny_resnet, digits_calib):
     assert len(errors) == 9
     for name, (refit, plain) in errors.items():
         assert refit < plain, (name, refit, plain)
+
+
+# ------------------------------------------------ refit=residual: the block's last conv absorbs the shortcut's drift
+def test_refit_option_values():
+    assert LassoOptions().refit == "layer"
+    assert LassoOptions(refit=True).refit == "layer" and LassoOptions(refit=False).refit == "none"
+    assert LassoOptions(refit="residual").refit == "residual"
+    with pytest.raises(BadValue):
+        LassoOptions(refit="sum")
+
+
+def test_shortcut_operands_are_the_tensors_added_to_each_block_branch():
+    torch.manual_seed(0)
+    model = models.create_model("resnet20", num_classes=10, in_channels=1).eval()
+    x = torch.randn(2, 1, 16, 16)
+    sites = {n for n, _ in model.named_modules() if n.endswith(("bn1", "bn2"))}
+    found = _shortcut_operands(model, x, sites)
+    assert sorted(found) == sorted(f"layer{i}.{j}.bn2" for i in (1, 2, 3) for j in range(3))  # not bn1, not the stem
+    seen = {}
+    sources = {"identity": model.layer1[0], "projection": model.layer2[0].shortcut}
+    hooks = [m.register_forward_hook(lambda _m, _a, out, k=k: seen.__setitem__(k, out)) for k, m in sources.items()]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    assert torch.equal(found["layer1.1.bn2"], seen["identity"])  # identity shortcut: the previous block's output
+    assert torch.equal(found["layer2.0.bn2"], seen["projection"])  # projection shortcut: its conv + BN
+
+
+def _pruned(model, x, y, refit):
+    ctx = context(model, CalibData(x[:256], y[:256]))
+    result, _ = run(ctx, refit=refit)
+    return prune(model, x[:1], result.keep, result.overrides)
+
+
+def _block_outputs(model, x):
+    """({block name: its output (N, C, H, W)}, logits (N, classes)) on images x."""
+    outs = {}
+    blocks = [f"layer{i}.{j}" for i in (1, 2, 3) for j in range(3)]
+    hooks = [
+        model.get_submodule(k).register_forward_hook(lambda _m, _a, out, k=k: outs.__setitem__(k, out)) for k in blocks
+    ]
+    with torch.no_grad():
+        logits = model(x)
+    for h in hooks:
+        h.remove()
+    return outs, logits
+
+
+def test_residual_refit_keeps_the_block_outputs_closer_to_the_original(trained_resnet):
+    """Held-out images: each block's last conv absorbs part of the error that the shortcut brings from earlier
+    blocks, so the deep blocks and the logits end closer to the original model's than with the layer-wise refit."""
+    model, x, y = trained_resnet
+    held_out = x[768:1024]
+    original, logits = _block_outputs(model, held_out)
+    errors = {}
+    for refit in ("layer", "residual"):
+        outs, out_logits = _block_outputs(_pruned(model, x, y, refit), held_out)
+        rel = {k: float((outs[k] - original[k]).pow(2).sum() / original[k].pow(2).sum()) for k in original}
+        errors[refit] = (rel, float((out_logits - logits).pow(2).sum() / logits.pow(2).sum()))
+    layer, residual = errors["layer"], errors["residual"]
+    deep = [f"layer3.{j}" for j in range(3)]
+    assert all(residual[0][k] < layer[0][k] for k in deep), (layer[0], residual[0])
+    assert residual[1] < layer[1], (layer[1], residual[1])

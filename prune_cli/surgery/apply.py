@@ -122,7 +122,7 @@ _EMPTY_COPYABLE = (dict, OrderedDict, set, list)
 
 
 def copy_module(module: nn.Module, memo: dict[int, object]) -> nn.Module:
-    """`copy.deepcopy(module, memo)` in a fraction of the time (resnet56: 3.6 against 17.2 ms). deepcopy walks every
+    """`copy.deepcopy(module, memo)` in a fraction of the time (benchmarks/README.md). deepcopy walks every
     hook dict and tuple of every layer through its generic protocol; here a module's state is rebuilt directly: its
     children copied the same way, its parameters and buffers cloned (or taken from `memo`), atomic values shared,
     empty containers made anew, and only other values handed to deepcopy. A module type with a copy protocol of its

@@ -44,8 +44,9 @@ def _kept(m: nn.Module, cuts: dict[str, tuple[Tensor | None, Tensor | None]]) ->
         value = src.detach()
         if rows is not None and cols is not None and value[0, 0].numel() >= 9 and value.numel() >= 1 << 16:
             # One pass, no intermediate: the kept (row, column) kernels of a large conv as rows of a 2-D view, one
-            # index_select. On a 512x512 3x3 weight cut by half, 0.39 ms against 0.76 for two index_selects and
-            # 1.05 for an advanced-index gather (Intel VM, 2 threads). For 1x1 kernels the rows are single numbers.
+            # index_select: faster than two index_selects or an advanced-index gather on large weights (readings in
+            # benchmarks/README.md). For 1x1 kernels the rows would be single numbers, so those take the two
+            # index_selects below.
             rows, cols = rows.to(src.device), cols.to(src.device)
             flat = (rows[:, None] * value.shape[1] + cols).reshape(-1)
             value = value.reshape(value.shape[0] * value.shape[1], -1).index_select(0, flat)

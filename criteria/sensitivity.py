@@ -20,15 +20,15 @@ Decisions (METHODS.md section 2; every one is an option):
   `all` sweeps and allocates every group in scope. Why the default: the hidden Linear of VGG-11 barely moves the
   arg-max when damaged, so `inverse` sent it to the cap, and L1 ranking then kept the wrong units (31-41% top-1 on
   Fashion-MNIST at -30% MACs, no fine-tuning; experiments/results/fmnist-vgg/sensitivity-defaults/).
-- Ratios: `inverse` r_g = clip(alpha * (1/S_g) / mean(1/S), 0, max_ratio); `cost` (cost-aware)
-  r_g = clip(alpha * (c_g/S_g) / mean(c/S), 0, max_ratio), where c_g is the share of the MACs (params) that
-  removing group g entirely would save: the minimiser of sum_g S_g r_g^2 under the linearised budget
-  sum_g c_g r_g = target, so a cheap group cannot absorb the cut that an expensive one would pay for;
-  `linear` r_g = clip(alpha * (1 - S_g / max S), 0, max_ratio). Sensitivities below `min_sensitivity` (damage
-  that does not hurt on the calibration split, or even helps by chance) count as `min_sensitivity`, which keeps
-  1/S finite. alpha is bisected on the exact cost model until the MACs (params) target is met; the returned
-  ratios are the ones at that alpha (the shared selection rescales them again only if its round-to / max-ratio
-  differ).
+- Ratios: `inverse` r_g = clip(alpha * (1/S_g) / mean(1/S), 0, max_ratio); `linear`
+  r_g = clip(alpha * (1 - S_g / max S), 0, max_ratio). Sensitivities below `min_sensitivity` (damage that does
+  not hurt on the calibration split, or even helps by chance) count as `min_sensitivity`, which keeps 1/S finite.
+  `cost_aware` weighs each group's relative ratio by c_g, the share of the MACs (params) that removing the whole
+  group would save, so that a cheap group cannot absorb the cut that the expensive ones would have to pay for.
+  With `inverse`, r_g ~ c_g / S_g minimises sum_g S_g r_g^2 under the linearised budget sum_g c_g r_g = target;
+  plain `inverse` is the same minimiser for a budget that counts every group's ratio alike.
+  alpha is bisected on the exact cost model until the MACs (params) target is met; the returned ratios are the
+  ones at that alpha (the shared selection rescales them again only if its round-to / max-ratio differ).
 
 Reuse: damage to group g changes nothing computed before the first graph node that reads a damaged module. The
 model is traced once with torch.fx; per group the graph is cut at that node into a prefix, which returns every
@@ -78,7 +78,8 @@ class Sensitivity(Criterion):
         trials: int = 3
         damage: Literal["random", "l1", "noise"] = "random"
         measure: Literal["accuracy", "loss"] = "accuracy"
-        form: Literal["inverse", "cost", "linear"] = "inverse"
+        form: Literal["inverse", "linear"] = "inverse"
+        cost_aware: bool = False  # weigh each group's ratio by its share of the MACs (params)
         layers: Literal["conv", "all"] = "conv"
         rank: str = "l1"
         max_ratio: float = 0.9
@@ -97,7 +98,7 @@ class Sensitivity(Criterion):
                 raise BadValue(f"sensitivity: min_sensitivity must be > 0, got {self.min_sensitivity}")
             for name, value, choices in (("damage", self.damage, ("random", "l1", "noise")),
                                          ("measure", self.measure, ("accuracy", "loss")),
-                                         ("form", self.form, ("inverse", "cost", "linear")),
+                                         ("form", self.form, ("inverse", "linear")),
                                          ("layers", self.layers, ("conv", "all"))):  # fmt: skip
                 if value not in choices:
                     raise BadValue(f"sensitivity: {name} must be one of {', '.join(choices)}, not {value!r}")
@@ -153,15 +154,19 @@ def cost_shares(cost: CostModel, groups: list[ChannelGroup], metric: str) -> dic
 
 
 def relative_ratios(sens: dict[str, float], o: Sensitivity.Options, shares: dict[str, float]) -> dict[str, float]:
-    """Unscaled ratios (before alpha): inverse -> (1/S_g) / mean(1/S); cost -> (c_g/S_g) / mean(c/S);
-    linear -> 1 - S_g / max S."""
-    if o.form in ("inverse", "cost"):
-        weight = shares if o.form == "cost" else dict.fromkeys(sens, 1.0)
-        inv = {g: weight[g] / max(s, o.min_sensitivity) for g, s in sens.items()}
+    """Unscaled ratios (before alpha): inverse -> (1/S_g) / mean(1/S); linear -> 1 - S_g / max S; each times
+    c_g / mean(c) when cost-aware (c: the groups' shares of the cost)."""
+    if o.form == "inverse":
+        inv = {g: 1.0 / max(s, o.min_sensitivity) for g, s in sens.items()}
         mean = sum(inv.values()) / len(inv)
-        return {g: v / mean if mean > 0 else 0.0 for g, v in inv.items()}
-    top = max(max(sens.values()), o.min_sensitivity)
-    return {g: 1.0 - max(s, 0.0) / top for g, s in sens.items()}
+        rel = {g: v / mean for g, v in inv.items()}
+    else:
+        top = max(max(sens.values()), o.min_sensitivity)
+        rel = {g: 1.0 - max(s, 0.0) / top for g, s in sens.items()}
+    if o.cost_aware:
+        mean_share = sum(shares[g] for g in rel) / len(rel)
+        rel = {g: r * shares[g] / mean_share if mean_share > 0 else 0.0 for g, r in rel.items()}
+    return rel
 
 
 def fit_alpha(

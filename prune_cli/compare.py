@@ -12,13 +12,15 @@ the base, then files the records. A pending cell survives an interruption and is
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import datetime as dt
 import json
 import multiprocessing
 import os
 import platform
+import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +81,7 @@ def run_grid(
     """Run every unfinished cell of `exp`; return all its records (in grid order)."""
     if jobs < 1:
         raise BadValue(f"--jobs must be >= 1, got {jobs}")
+    check_out_dir(exp.out_dir)
     device = device or engine.default_device()
     store = Store(exp.out_dir)
     cells = exp.cells()  # validates every job before any training
@@ -108,27 +111,99 @@ def run_grid(
             done[key] = run_cell(cell, key, reporter=reporter, log=log, **args)
             advance(1)
     else:
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        log(f"running {len(todo)} cells in {jobs} processes with {threads} thread(s) each")
-        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked OpenMP or torch state
-        with cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
-            futures = {pool.submit(run_cell, cell, key, **args, defer_latency=True): key for cell, key in todo}
-            advance = reporter.counter("cells", len(todo)) if reporter is not None else (lambda n=1: None)
-            try:
-                for fut in cf.as_completed(futures):
-                    fut.result()
-                    untimed.add(futures[fut])
-                    advance(1)
-            except BaseException:
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
+        advance = reporter.counter("cells", len(todo)) if reporter is not None else (lambda n=1: None)
+
+        def finished(key: str) -> None:
+            untimed.add(key)
+            advance(1)
+
+        run_in_processes(todo, jobs, args, exp.out_dir / PENDING, finished, log, warn)
     if untimed:
         ordered = [k for k in dict.fromkeys(keys) if k in untimed]  # grid order
         done.update(time_pending(exp, ordered, base_file, device, reporter, log))
     return GridResult([done[k] for k in dict.fromkeys(keys)], len(todo), len(cells) - len(todo), corrupt, base_file)
 
 
+def check_out_dir(out: Path) -> None:
+    """Refuse an output folder that is a file, or lies under one, before anything is trained or written."""
+    for place in (out, *out.parents):
+        if place.exists():
+            if not place.is_dir():
+                where = "is a file" if place == out else f"lies under {place}, which is a file"
+                raise BadValue(f"--out {out} {where}: the output of compare is a folder")
+            return
+
+
+def run_in_processes(
+    todo: list[tuple[Cell, str]], jobs: int, args: dict[str, Any], pending: Path, finished: Callable[[str], None],
+    log: Callable[[str], None] = lambda m: None, warn: Callable[[str], None] = lambda m: None,
+) -> None:  # fmt: skip
+    """Run `todo` in `jobs` worker processes; `finished(key)` after each cell has left its files in `pending`.
+
+    Ctrl-C (SIGINT, to this process or to the terminal's whole process group) is this process's alone to handle:
+    the workers ignore it, and it kills them at once. A cell a worker has finished is already in `pending` (written
+    atomically) and survives; the cells in flight are lost and run again by the next `compare`.
+    """
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    log(f"running {len(todo)} cells in {jobs} processes with {threads} thread(s) each")
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked OpenMP or torch state
+    pool = cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads,))
+    futures: dict[cf.Future, str] = {}
+    try:
+        with _sigint_ignored():  # the workers start during submit and inherit SIG_IGN before their first line runs
+            futures = {pool.submit(run_cell, cell, key, **args, defer_latency=True): key for cell, key in todo}
+        for fut in cf.as_completed(futures):
+            fut.result()
+            finished(futures[fut])
+    except KeyboardInterrupt:
+        _stop(pool, pending)
+        kept = sum(f.done() and not f.cancelled() and f.exception() is None for f in futures)
+        warn(f"interrupted: worker processes stopped; {kept} cells finished in this run are kept, the cells "
+             "in flight are lost; run compare again to resume")  # fmt: skip
+        raise
+    except BaseException:  # a cell failed: the others in flight finish and keep their results, nothing new starts
+        try:
+            pool.shutdown(wait=True, cancel_futures=True)
+        except KeyboardInterrupt:
+            _stop(pool, pending)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _stop(pool: cf.ProcessPoolExecutor, pending: Path) -> None:
+    """End the grid after a Ctrl-C: kill the workers, and ignore any further Ctrl-C from now on. The process is
+    ending; a second Ctrl-C landing in its clean-up or in the interpreter's exit (which joins the pool's thread)
+    would only print a traceback and leave the exit half done."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _kill_workers(pool, pending)
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _kill_workers(pool: cf.ProcessPoolExecutor, pending: Path) -> None:
+    """Kill the pool's worker processes now (not after their cells), and remove the temporary files they were
+    writing: no half-written file is left, and the interpreter's exit does not wait for a cell to finish."""
+    # The executor offers no public way to reach its processes before Python 3.14 (`kill_workers`).
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for p in processes:
+        with contextlib.suppress(Exception):
+            p.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in processes:
+        p.join(timeout=5)
+    for tmp in pending.glob(".*.tmp"):  # io.atomic_write's temporary names
+        tmp.unlink(missing_ok=True)
+
+
 def _init_worker(threads: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited already; kept for a start method that does not
     torch.set_num_threads(threads)
 
 

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from prune_cli import report
 from prune_cli.api import list_criteria
 from prune_cli.cli import app
-from prune_cli.compare import run_cell
+from prune_cli.compare import _pending, run_cell
 from prune_cli.experiment import config_key, file_digest, load_experiment
 
 runner = CliRunner()
@@ -206,3 +206,154 @@ def test_fast_widths_reach_the_job_and_its_key():
     assert cell.job.fast_widths == 64
     plain = load_experiment(ROOT / "experiments" / "quickstart.yaml").cells()[0]
     assert config_key(cell.config("digits", None, "x")) != config_key(plain.config("digits", None, "x"))
+
+
+QUICKSTART_RECORDS = ROOT / "experiments/results/quickstart/records"
+
+
+def _break_macs(r):
+    del r["after"]["macs"]
+
+
+def _zero_macs(r):
+    r["before"]["macs"] = 0
+
+
+def _string_target(r):
+    r["target"] = "0.3"
+
+
+def _no_job(r):
+    del r["config"]["job"]
+
+
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (_break_macs, "`after` lacks a positive number of macs"),
+        (_zero_macs, "`before` lacks a positive number of macs, got 0"),
+        (_string_target, "`target` must be a fraction in (0, 1), got '0.3'"),
+        (_no_job, "`config` lacks its `job` mapping"),
+    ],
+)
+def test_report_skips_a_malformed_record_in_one_line_and_builds_the_rest(tmp_path, damage, problem):
+    """A record whose key is valid but whose fields a leaderboard cannot use: one warning naming the file, the
+    other records ranked as if it were not there."""
+    records = tmp_path / "records"
+    records.mkdir()
+    l1 = sorted(p for p in QUICKSTART_RECORDS.glob("*.json") if json.loads(p.read_text())["criterion"] == "l1")
+    for p in l1:
+        shutil.copy(p, records / p.name)
+    victim = records / l1[0].name
+    record = json.loads(victim.read_text())
+    damage(record)
+    record["key"] = config_key(record["config"])  # the key stays valid: only the fields are wrong
+    victim.unlink()
+    victim = records / f"{record['key']}.json"
+    victim.write_text(json.dumps(record))
+
+    result = run("report", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    (line,) = [line for line in result.output.splitlines() if "warning" in line]
+    assert victim.name in line and problem in line
+    lb = pd.read_csv(tmp_path / "leaderboard.csv")
+    assert lb["seeds"].sum() == len(l1) - 1
+
+
+def test_a_malformed_record_is_run_again_by_compare(tmp_path):
+    """The store treats a malformed record as a missing one: `load` says why, so compare runs its cell again."""
+    from prune_cli.store import CorruptRecord, Store
+
+    path = sorted(QUICKSTART_RECORDS.glob("*.json"))[0]
+    record = json.loads(path.read_text())
+    record["after"]["macs"] = 0
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / path.name).write_text(json.dumps(record))
+    with pytest.raises(CorruptRecord, match="macs"):
+        Store(tmp_path).load(path.stem)
+
+
+def test_committed_records_are_all_well_formed():
+    from prune_cli.store import CorruptRecord, Store
+
+    for folder in ("quickstart", "fmnist-resnet20/compare", "fmnist-vgg/compare"):
+        store = Store(ROOT / "experiments/results" / folder)
+        bad = [str(r) for _, r in store.records() if isinstance(r, CorruptRecord)]
+        assert not bad, bad
+
+
+def test_compare_onto_an_existing_file_is_one_line_and_changes_nothing(tmp_path):
+    target = tmp_path / "results.txt"
+    target.write_text("keep me")
+    exp = experiment(tmp_path / "e.yaml", base={"model": "resnet20", "epochs": 1}, criteria=["l1"])
+    for out in (target, target / "sub"):
+        result = run("compare", exp, "--out", out)
+        assert result.exit_code == 2, result.output
+        assert "is a file" in result.output and "Traceback" not in result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert target.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["e.yaml", "results.txt"]
+
+
+def _workers_of(pid: int) -> list[int]:
+    """The pids of the multiprocessing workers whose parent is `pid` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and b"spawn_main" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads worker processes from /proc")
+def test_ctrl_c_twice_ends_a_parallel_grid_at_once_and_keeps_its_finished_cells(base, tmp_path):
+    """SIGINT twice, as a terminal sends it, while workers are busy: the run ends within seconds with one error line
+    and no traceback, its worker processes are gone, and every cell a worker had finished is still there for the
+    next run to time and file (no half-written file)."""
+    out = tmp_path / "out"
+    # Two cells in two workers: l1 finishes in seconds, sensitivity's sweep runs far longer than the 10 s allowed.
+    exp_file = experiment(
+        tmp_path / "grid.yaml", base={"file": str(base)}, criteria=["l1", "sensitivity"], seeds=[0],
+        finetune={"epochs": 0}, out=str(out),
+    )  # fmt: skip
+    cmd = [sys.executable, "-m", "prune_cli", "compare", str(exp_file), "--jobs", "2"]
+    child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not list((out / "pending").glob("*.json")) and child.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        workers = _workers_of(child.pid)
+        finished = {p.name for p in (out / "pending").glob("*")}
+        assert child.poll() is None and finished and len(workers) == 2, "the grid ended before it could be stopped"
+        child.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        if child.poll() is None:
+            child.send_signal(signal.SIGINT)
+        stopped = time.time()
+        _, stderr = child.communicate(timeout=20)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert time.time() - stopped < 10
+    assert child.returncode == 130, stderr
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == "error: interrupted", stderr
+    assert all(_gone(pid) for pid in workers)
+    left = {p.name for p in (out / "pending").iterdir()}
+    assert finished <= left and not [n for n in left if n.endswith(".tmp")]
+    exp = load_experiment(exp_file)
+    digest = file_digest(base)
+    keys = {config_key(c.config(exp.dataset, exp.data_dir, digest)) for c in exp.cells()}
+    kept = {n.removesuffix(".json") for n in left if n.endswith(".json")}
+    assert kept <= keys and all(_pending(exp, k) is not None for k in kept)  # the next run times these, not re-runs

@@ -27,7 +27,8 @@ def report(
     records = []
     for path, record in store.records():
         if isinstance(record, CorruptRecord):
-            ui.warn(f"skipping corrupt record {record} ({path})")
+            why = str(record).removeprefix(f"{path.stem}: ").removeprefix(f"{path.name}: ")
+            ui.warn(f"skipping the run record {path}: {why}")
         else:
             records.append(record)
     if not records:

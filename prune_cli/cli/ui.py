@@ -28,7 +28,7 @@ def info(message: str) -> None:
 
 
 def warn(message: str) -> None:
-    err.print(f"warning: {message}", style="yellow", markup=False)
+    err.print(f"warning: {message}", style="yellow", markup=False, soft_wrap=True)
 
 
 def error(message: str) -> None:

@@ -38,7 +38,9 @@ def setup_runtime(device: str | None = None, threads: int | None = None, seed: i
         raise BadValue(f"unknown device {device!r} ({exc})") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BadValue("--device cuda was asked for, but torch sees no CUDA GPU")
-    try:  # a real computation and a copy back: `meta` has no data, other back-ends may be absent from this build
+    if dev.type == "meta":  # by name: its first use imports torch's meta kernels, which takes seconds
+        raise BadValue("--device meta holds shapes, not data: it cannot run a model (cpu or cuda)")
+    try:  # a real computation and a copy back: back-ends absent from this build of torch fail here
         torch.ones(1, device=dev).add(1).cpu()
     except Exception as exc:  # torch raises RuntimeError, NotImplementedError or AssertionError, by back-end
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]

@@ -71,3 +71,83 @@ def test_parse_key_values():
     assert parse_key_values(["a=1", "b = x"]) == {"a": "1", "b": "x"}
     with pytest.raises(BadConfig):
         parse_key_values(["novalue"])
+
+
+# ------------------------------------------------------------------------------------------ strict YAML
+def _yaml(tmp_path, text):
+    from prune_cli.config import load_yaml
+
+    path = tmp_path / "e.yaml"
+    path.write_text(text)
+    return load_yaml(path)
+
+
+def test_yaml_duplicate_keys_are_refused_with_their_lines_and_merge_keys_still_work(tmp_path):
+    with pytest.raises(BadConfig, match=r"duplicate key 'lr' at line 3 \(first at line 2\)"):
+        _yaml(tmp_path, "finetune:\n  lr: 0.1\n  lr: 0.2\n")
+    merged = _yaml(tmp_path, "d: &d {epochs: 1, lr: 0.5}\nfinetune: {<<: *d, lr: 0.02}\n")
+    assert merged["finetune"] == {"epochs": 1, "lr": 0.02}  # a key after a merge overrides it: not a duplicate
+
+
+def test_yaml_aliases_that_expand_too_far_are_refused_within_a_second(tmp_path):
+    import time
+
+    from prune_cli.config import MAX_YAML_VALUES
+
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]  # 9**10 values
+    t0 = time.perf_counter()
+    with pytest.raises(BadConfig, match="expands to more than"):
+        _yaml(tmp_path, "\n".join(lines))
+    assert time.perf_counter() - t0 < 1.0
+    # a few small aliases are fine: the bound counts what they expand to
+    small = _yaml(tmp_path, "a: &a [1, 2, 3]\nb: [*a, *a, *a]\n")
+    assert small["b"] == [[1, 2, 3]] * 3 and 3 * 4 < MAX_YAML_VALUES
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("a: &a [1, *a]\n", "inside its anchor"),  # a list that contains itself
+        ("a: " + "[" * 2000 + "]" * 2000 + "\n", "nesting deeper"),  # RecursionError in PyYAML's composer
+        ("a0: &a0 [x]\n" + "".join(f"a{i}: &a{i} [*a{i - 1}]\n" for i in range(1, 60)), "nesting deeper"),
+        ("a: !!python/object/apply:os.system ['true']\n", "not valid YAML"),  # never constructs Python objects
+        ("a: [1, 2\n", "not valid YAML"),
+    ],
+)
+def test_yaml_cycles_deep_nesting_and_python_tags_are_refused(tmp_path, text, problem):
+    with pytest.raises(BadConfig, match=problem):
+        _yaml(tmp_path, text)
+
+
+def test_yaml_that_is_not_utf8_is_refused(tmp_path):
+    from prune_cli.config import load_yaml
+
+    path = tmp_path / "e.yaml"
+    path.write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(BadConfig, match="not UTF-8"):
+        load_yaml(path)
+
+
+@pytest.mark.parametrize(
+    ("values", "problem"),
+    [
+        ({"q": [1, 2]}, "must be a single int"),
+        ({"q": float("inf")}, "must be int"),
+        ({"solver": {"a": 1}}, "must be one of"),
+        ({1: 2}, "is not a name"),
+    ],
+)
+def test_build_dataclass_refuses_values_of_the_wrong_shape(values, problem):
+    with pytest.raises(BadConfig, match=problem):
+        build_dataclass(Opts, values)
+
+
+def test_lists_and_mappings_are_refused_as_scalars_and_vice_versa():
+    from prune_cli.config import convert
+
+    assert convert("0.3,0.5", tuple[float, ...], "targets") == (0.3, 0.5)
+    with pytest.raises(BadConfig, match=r"must be a list, e\.g\. \[0\.5\]"):
+        convert(0.5, tuple[float, ...], "targets")
+    with pytest.raises(BadConfig, match="must be a mapping"):
+        convert(["a", "b"], dict[str, object], "options")

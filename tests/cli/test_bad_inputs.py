@@ -227,3 +227,35 @@ def test_a_bad_input_is_one_error_line_exit_2_and_leaves_no_file(argv, files, me
 def test_every_case_has_its_own_id():
     ids = [c[0] for c in CASES]
     assert len(set(ids)) == len(ids) and all(re.fullmatch(r"[a-z0-9-]+", i) for i in ids)
+
+
+def test_deferred_writes_leave_all_files_or_none(tmp_path):
+    from prune_cli.io import deferred_writes, write_text
+
+    (tmp_path / "a.csv").write_text("old")
+    with pytest.raises(RuntimeError), deferred_writes():
+        write_text(tmp_path / "a.csv", "new")
+        write_text(tmp_path / "b.csv", "new")
+        assert (tmp_path / "a.csv").read_text() == "old"  # nothing is renamed before the block ends
+        raise RuntimeError("a later step fails")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv"] and (tmp_path / "a.csv").read_text() == "old"
+    with deferred_writes():
+        write_text(tmp_path / "a.csv", "new")
+        write_text(tmp_path / "b.csv", "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "b.csv"]
+    assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text() == "new"
+
+
+def test_an_output_gets_the_mode_a_plain_open_gives_it_or_keeps_its_own(tmp_path):
+    from prune_cli.io import write_text
+
+    umask = os.umask(0o022)
+    try:
+        write_text(tmp_path / "new.txt", "x")
+        (tmp_path / "own.txt").write_text("x")
+        (tmp_path / "own.txt").chmod(0o640)
+        write_text(tmp_path / "own.txt", "y")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "new.txt").stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0600
+    assert (tmp_path / "own.txt").stat().st_mode & 0o777 == 0o640

@@ -61,8 +61,8 @@ class LayerTimer:
 
     def _key(self, name: str, in_width: int, out_width: int) -> tuple:
         m, hw = self.convs[name]
-        return (self.device, self.batch, m.kernel_size, m.stride, m.padding, m.dilation, m.groups > 1,
-                m.bias is not None, hw, in_width, out_width)  # fmt: skip
+        return (self.device, torch.get_num_threads(), self.batch, m.kernel_size, m.stride, m.padding, m.dilation,
+                m.groups > 1, m.bias is not None, hw, in_width, out_width)  # fmt: skip
 
     def _time(self, name: str, in_width: int, out_width: int) -> float:
         m, hw = self.convs[name]

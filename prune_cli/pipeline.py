@@ -194,7 +194,7 @@ def example_input(splits: D.Splits) -> torch.Tensor:
 
 def measure(
     model: nn.Module, splits: D.Splits, *, latency_batches: Sequence[int] = (1, 64), device: torch.device | None = None,
-    latency_seconds: float = 2.0,
+    latency_seconds: float = 2.0, runtime: str = "torch",
 ) -> dict[str, Any]:  # fmt: skip
     """Parameters, MACs per image, and latency at each batch size (see `time_side_by_side`)."""
     from prune_cli import dynamic
@@ -206,19 +206,20 @@ def measure(
         per_input, overhead = metrics.per_input_macs(model, D.to_float(splits.test.x[:1024], splits, device=device))
         out.update(macs=float(per_input.mean()), macs_std=float(per_input.std()), overhead_macs=float(overhead.mean()))
     out.update(time_side_by_side([model], splits, latency_batches=latency_batches, device=device,
-                                 latency_seconds=latency_seconds, rounds=1)[0])  # fmt: skip
+                                 latency_seconds=latency_seconds, rounds=1, runtime=runtime)[0])  # fmt: skip
     return out
 
 
 def time_side_by_side(
     models: Sequence[nn.Module], splits: D.Splits, *, latency_batches: Sequence[int] = (1, 64),
-    device: torch.device | None = None, latency_seconds: float = 2.0, rounds: int = 4,
+    device: torch.device | None = None, latency_seconds: float = 2.0, rounds: int = 4, runtime: str = "torch",
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Latency of each model at each batch size (median ms, p10-p90 spread, on consecutive batches of test images),
     with the threads, device and load average it was timed under.
 
     The models take turns (`metrics.latency_in_turns`): `rounds` turns each of about `latency_seconds / rounds` per
-    batch size, each figure the median of its turns.
+    batch size, each figure the median of its turns. `runtime` onnxruntime: each model is exported to ONNX and timed
+    in an ONNX Runtime session (CPU; see export.py).
     """
     device = device or next(models[0].parameters()).device
     # Real, varied images: a dynamic model's time depends on them (and on its caches, which one repeated input would
@@ -227,6 +228,10 @@ def time_side_by_side(
     if latency_batches:
         n = max(256, 2 * max(latency_batches))
         pool = D.to_float(splits.test.x[:n], splits, device=device)
+        if runtime != "torch":
+            from prune_cli.latency import as_runtime
+
+            models = [as_runtime(m, runtime, pool[:1]) for m in models]
     for b in latency_batches:
         timed = metrics.latency_in_turns(models, pool, b, max_seconds=latency_seconds, rounds=rounds)
         for fields, (median_ms, spread_ms) in zip(out, timed, strict=True):
@@ -234,7 +239,7 @@ def time_side_by_side(
     # Other busy processes make CPU latency meaningless (threads wait for each other's time slices): record it.
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     for fields in out:
-        fields.update(threads=torch.get_num_threads(), device=str(device), load_average=load)
+        fields.update(threads=torch.get_num_threads(), device=str(device), load_average=load, runtime=runtime)
     return out
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from prune_cli import data as D
-from prune_cli import engine, pipeline, selection, surgery
+from prune_cli import engine, latency, pipeline, selection, surgery
 from prune_cli.api import (
     Allocation,
     CalibData,
@@ -60,6 +60,11 @@ class PruneJob:
     latency_seconds: float = 2.0  # timing budget per batch size and model
     # Re-estimate BatchNorm statistics after surgery (every criterion alike); "before fine-tune" includes it.
     recalibrate_bn: bool = True
+    # A measured-latency target (latency.py): the fraction of the base's latency to remove at `latency_batch` (0:
+    # off; `target` is then only what criteria that choose their own widths aim at). Runtime: what latency times.
+    target_latency: float = 0.0
+    latency_batch: int = 1
+    runtime: str = "torch"
 
     def __post_init__(self):
         if self.finetune_epochs < 0 or self.fast_widths < 0 or self.calib_images < 1 or self.round_to < 1:
@@ -70,6 +75,10 @@ class PruneJob:
             raise BadValue(f"selection mode must be uniform or global, got {self.mode!r}")
         if self.scope not in ("internal", "all"):
             raise BadValue(f"scope must be internal or all, got {self.scope!r}")
+        if self.target_latency:
+            latency.check_latency_target(self.target_latency, self.latency_batch)
+        if self.runtime not in latency.RUNTIMES:
+            raise BadValue(f"--runtime must be one of {', '.join(latency.RUNTIMES)}, got {self.runtime!r}")
 
 
 @dataclass
@@ -94,7 +103,9 @@ class Outcome:
             "criterion": self.job.criterion,
             "options": self.criterion_options,
             "result": self.result_kind,
-            "target": f"-{100 * self.job.target.reduction:.0f}% {self.job.target.metric}",
+            "target": f"-{100 * self.job.target_latency:.0f}% latency b{self.job.latency_batch}"
+            if self.job.target_latency
+            else f"-{100 * self.job.target.reduction:.0f}% {self.job.target.metric}",
             "dataset": self.dataset,
             "base_file": self.base_file,
             "finetune_epochs": self.job.finetune_epochs,
@@ -130,17 +141,26 @@ def make_context(
     )  # fmt: skip
 
 
-def plan_from_result(result: Result, ctx: Context, job: PruneJob) -> tuple[dict, dict, dict]:
-    """(keep, overrides, target report) for a static result; Dynamic results never reach here."""
+def plan_from_result(
+    result: Result, ctx: Context, job: PruneJob, by_latency: Callable[[Scores, Allocation | None], Any] | None = None
+) -> tuple[dict, dict, dict]:
+    """(keep, overrides, target report) for a static result; Dynamic results never reach here. `by_latency`: the
+    selection under a latency target (scores, allocation or None) -> Selection, if the job has one."""
     sel_args = dict(mode=job.mode, round_to=job.round_to, max_ratio=job.max_ratio, latency_batch=job.fast_widths)
     match result:
         case Scores():
+            if by_latency is not None:
+                report = by_latency(result, None)
+                return report.keep, {}, report.as_dict()
             report = selection.select(ctx.model, ctx.example_input, list(ctx.groups), result, job.target, **sel_args)
             return report.keep, {}, report.as_dict()
         case Allocation(rank=rank):
             ranking = check_result(build_criterion(rank, {}).run(ctx), ctx.groups)
             if not isinstance(ranking, Scores):
                 raise BadValue(f"allocation rank criterion {rank!r} must return scores")
+            if by_latency is not None:
+                report = by_latency(ranking, result)
+                return report.keep, {}, report.as_dict()
             report = selection.select(
                 ctx.model, ctx.example_input, list(ctx.groups), ranking, job.target, ratios=result, **sel_args
             )
@@ -170,8 +190,11 @@ def run(
     groups = surgery.channel_groups(base, example)
     progress = reporter.counter if reporter is not None and hasattr(reporter, "counter") else None
     ctx = make_context(base, groups, splits, criterion, job, device, log, progress)
+    by_latency = None
     if not criterion.dynamic:  # refuse an impossible target before spending time on scoring
         selection.check_reachable(CostModel(base, example), list(ctx.groups), job.target, job.round_to, job.max_ratio)
+        if job.target_latency:
+            by_latency = latency.selector(base, example, list(ctx.groups), splits, job, device, log)
     log(f"scoring {len(ctx.groups)} channel groups with {job.criterion}")
     torch.manual_seed(job.seed)
     result = check_result(criterion.run(ctx), ctx.groups)
@@ -183,6 +206,9 @@ def run(
         log(f"timing each layer's candidate widths at batch {job.fast_widths} (--fast-widths)"
             if isinstance(result, (Scores, Allocation))
             else f"--fast-widths ignored: {job.criterion} chooses its own widths")  # fmt: skip
+    if job.target_latency and not isinstance(result, (Scores, Allocation)):
+        log(f"--target-latency ignored: {job.criterion} chooses its own widths (it aimed at removing "
+            f"{job.target.reduction:.0%} of the MACs instead)")  # fmt: skip
     if isinstance(result, Dynamic):
         pruned, hooks = result.model, result.hooks
         target_report = {"metric": "macs per input", "requested": job.target.reduction, "achieved": None}
@@ -190,7 +216,7 @@ def run(
             pruned.prune_cli_dynamic = dict(result.extra["rebuild"])
         pruned.prune_cli_arch = base.prune_cli_arch
     else:
-        keep, overrides, target_report = plan_from_result(result, ctx, job)
+        keep, overrides, target_report = plan_from_result(result, ctx, job, by_latency)
         pruned = surgery.prune(base, example, keep, overrides or None, groups=groups)
     if job.recalibrate_bn and not isinstance(result, Dynamic):
         engine.recalibrate_batchnorm(pruned, splits, device=device)
@@ -213,7 +239,7 @@ def run(
     if time_latency:  # both now, taking turns: timed minutes apart, the CPU's drifting speed would enter the ratio
         lat_before, lat_after = pipeline.time_side_by_side(
             [base, pruned], splits, latency_batches=job.latency_batches, device=device,
-            latency_seconds=job.latency_seconds,
+            latency_seconds=job.latency_seconds, runtime=job.runtime,
         )  # fmt: skip
         before.update(lat_before)
         after.update(lat_after)

@@ -1,5 +1,5 @@
 """Scores -> keep-plan under a cost budget. The same code for every score-based criterion, which is what makes
-comparing criteria fair.
+comparing criteria fair. (A measured-latency budget: latency.py, which ends in `finish` here too.)
 
 Modes: `uniform` (one removal ratio for every group in scope), `global` (one threshold over scores normalised by
 each group's maximum), or per-group ratios from an `Allocation` (scaled by one factor unless `exact`). The one free
@@ -35,12 +35,13 @@ class Selection:
     base_params: int
     params: int
     ratios: dict[str, float] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # a latency target's measurements (see latency.py)
 
     def as_dict(self) -> dict:
         return {
             "metric": self.metric, "requested": self.requested, "achieved": self.achieved,
             "base_macs": self.base_macs, "macs": self.macs, "base_params": self.base_params, "params": self.params,
-            "ratios": self.ratios,
+            "ratios": self.ratios, **self.extra,
         }  # fmt: skip
 
 
@@ -96,7 +97,7 @@ def select(
             if latency_batch:
                 timer = FW.LayerTimer(model, example_input, latency_batch)
                 counts = FW.snap(counts, _fast_widths(cost, timer, groups, counts, round_to, max_ratio))
-            return _finish(cost, groups, scores, counts, target)
+            return finish(cost, groups, scores, counts, target)
         top = max(rel.values()) or 1.0
 
         def counts_at(t: float) -> dict[str, int]:
@@ -140,7 +141,7 @@ def select(
 
             counts = bisect(lambda t: reduction(snapped_at(t)), target.reduction, hi, snapped_at)
             counts = FW.give_back(cost, timer, groups, counts, fast, lambda c: reduction(c) + 1e-9 >= target.reduction)
-    return _finish(cost, groups, scores, counts, target)
+    return finish(cost, groups, scores, counts, target)
 
 
 def _fast_widths(
@@ -196,9 +197,10 @@ def _normalise(s: Tensor) -> Tensor:
     return (s - lo) / (hi - lo) if hi > lo else torch.ones_like(s)
 
 
-def _finish(
+def finish(
     cost: CostModel, groups: list[ChannelGroup], scores: Scores, counts: Mapping[str, int], target: Target
 ) -> Selection:
+    """The plan keeping the `counts[g]` highest-scoring channels of each group, with its cost report."""
     keep = {}
     for g in groups:
         k = counts[g.id]

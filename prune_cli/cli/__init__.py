@@ -21,7 +21,7 @@ app = typer.Typer(
 )
 
 # One module per command; each defines `register(app)`.
-COMMANDS = ["train", "evaluate", "info", "listing", "prune", "score", "sinf", "compare", "report"]
+COMMANDS = ["train", "evaluate", "info", "listing", "prune", "score", "sinf", "compare", "report", "export"]
 
 
 def _version(value: bool) -> None:

@@ -17,6 +17,7 @@ def evaluate(
     data_dir: O.DataDir = None,
     split: Annotated[str, typer.Option(help="test or val.", rich_help_panel=O.DATA)] = "test",
     latency_batches: O.LatencyBatches = "1,64",
+    runtime: O.Runtime = "torch",
     seed: O.Seed = 0,
     trust_factory: O.TrustFactory = None,
     device: O.Device = None,
@@ -36,6 +37,12 @@ def evaluate(
     batches = pipeline.parse_batches(latency_batches)
     if split not in ("test", "val"):
         raise BadValue(f"--split must be test or val, got {split!r}")
+    if runtime not in ("torch", "onnxruntime"):
+        raise BadValue(f"--runtime must be torch or onnxruntime, got {runtime!r}")
+    if runtime == "onnxruntime":
+        from prune_cli.export import require_onnx
+
+        require_onnx()  # before loading data
     net, dataset, splits = pipeline.load_model_and_data(
         model_file, dataset, data_dir, seed=seed, device=dev, trust=trust_factory or ()
     )
@@ -48,7 +55,7 @@ def evaluate(
         "top5": result.top5,
         "loss": result.loss,
         "images": result.images,
-        **pipeline.measure(net, splits, latency_batches=batches, device=dev),
+        **pipeline.measure(net, splits, latency_batches=batches, device=dev, runtime=runtime),
         "file_bytes": metrics.file_size(model_file),
     }
     if warning := pipeline.busy_machine_warning(row):

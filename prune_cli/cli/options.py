@@ -60,6 +60,24 @@ FastWidths = Annotated[
         rich_help_panel=PRUNE,
     ),
 ]
+TargetLatency = Annotated[
+    float | None,
+    typer.Option(
+        help="Fraction of the measured latency to remove on this device at --latency-batch (0.3 = 30% faster "
+        "forward passes); instead of --target-macs/--target-params. Times every layer at candidate widths (cached).",
+        rich_help_panel=PRUNE,
+    ),
+]
+LatencyBatch = Annotated[
+    int, typer.Option(help="Batch size at which --target-latency is timed and met.", rich_help_panel=PRUNE)
+]
+Runtime = Annotated[
+    str,
+    typer.Option(
+        help="What latency is timed with: torch or onnxruntime (needs the extra: pip install 'prune-cli[onnx]').",
+        rich_help_panel=OUTPUT,
+    ),
+]
 MaxRatio = Annotated[float, typer.Option(help="Most a group may lose.", rich_help_panel=PRUNE)]
 TrustFactory = Annotated[
     list[str] | None,

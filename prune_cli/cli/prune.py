@@ -16,6 +16,8 @@ def prune(
     criterion: Annotated[str, typer.Option("--criterion", "-c", help="See `prune-cli list criteria`.")] = "l1",
     target_macs: O.TargetMacs = None,
     target_params: O.TargetParams = None,
+    target_latency: O.TargetLatency = None,
+    latency_batch: O.LatencyBatch = 1,
     opt: Annotated[
         list[str] | None,
         typer.Option("--opt", help="Criterion option name=value (repeatable).", rich_help_panel=O.PRUNE),
@@ -35,6 +37,7 @@ def prune(
         Path | None, typer.Option("--out", "-o", help="Pruned model file.", rich_help_panel=O.OUTPUT)
     ] = None,
     latency_batches: O.LatencyBatches = "1,64",
+    runtime: O.Runtime = "torch",
     seed: O.Seed = 0,
     trust_factory: O.TrustFactory = None,
     device: O.Device = None,
@@ -52,17 +55,33 @@ def prune(
     from prune_cli.errors import BadValue
 
     ui.quiet = quiet
-    if (target_macs is None) == (target_params is None):
-        raise BadValue("give exactly one of --target-macs or --target-params (the fraction to remove)")
-    target = Target("macs", target_macs) if target_macs is not None else Target("params", target_params)  # type: ignore[arg-type]
+    if sum(t is not None for t in (target_macs, target_params, target_latency)) != 1:
+        raise BadValue(
+            "give exactly one of --target-macs, --target-params or --target-latency (the fraction to remove)"
+        )
+    if target_latency is not None:
+        from prune_cli.latency import check_latency_target
+
+        check_latency_target(target_latency, latency_batch)
+        # What criteria that choose their own widths aim at instead (they say they ignore the latency target).
+        target = Target("macs", target_latency)
+    else:
+        target = Target("macs", target_macs) if target_macs is not None else Target("params", target_params)  # type: ignore[arg-type]
     if out is not None and out.suffix != ".safetensors":
         raise BadValue(f"--out must end in .safetensors, got {out.name!r}")
+    if runtime == "onnxruntime":
+        from prune_cli.export import require_onnx
+
+        require_onnx()  # now, not after the scoring
     dev = pipeline.setup_runtime(device, threads, seed)
     job = pruning.PruneJob(
         criterion=criterion, options=parse_key_values(opt), target=target, mode=mode, scope=scope,
         round_to=round_to, fast_widths=fast_widths, max_ratio=max_ratio, calib_images=calib_images,
         finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size, seed=seed,
-        latency_batches=tuple(pipeline.parse_batches(latency_batches)),
+        latency_batches=tuple(dict.fromkeys([*pipeline.parse_batches(latency_batches),
+                                             *([latency_batch] if target_latency else [])])),
+        target_latency=target_latency or 0.0,
+        latency_batch=latency_batch, runtime=runtime,
     )  # fmt: skip
     with ui.RichReporter() as reporter:
         outcome = pruning.run(model_file, job, dataset=dataset, data_dir=data_dir, device=dev, reporter=reporter,
@@ -98,6 +117,12 @@ def show(summary: dict, batches: tuple[int, ...]) -> None:
         rows.append([f"latency b{b} (ms)", f"{lb:.3f}", f"{la:.3f}", f"{lb / la:.2f}x"])
     ui.grid(["", "original", "pruned", "gain"], rows, title=f"{summary['criterion']} at {summary['target']}")
     t = summary["target_report"]
+    if t["metric"] == "latency":  # measured against the base in alternating turns, at one batch size
+        ui.out.print(
+            f"latency at batch {t['latency_batch']} ({t['runtime']}): {t['base_ms']:.3f} -> {t['pruned_ms']:.3f} ms "
+            f"after {len(t['rounds'])} round(s); MACs removed {t['macs_reduction']:.3f}",
+            markup=False,
+        )
     ui.out.print(
         f"target {t['metric']} reduction: requested {t['requested']:.3f}, achieved {t['achieved']:.3f}; "
         f"scoring {summary['timings']['score_s']:.1f} s, surgery {summary['timings']['surgery_s']:.2f} s, "

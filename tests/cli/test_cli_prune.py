@@ -66,7 +66,7 @@ def test_prune_with_fast_widths(base):
         (["--target-macs", "0.5", "--opt", "mode=lazy"], "must be one of"),
         (["--target-macs", "1.5"], "reduction must be in"),
         (["--target-macs", "0.5", "--fast-widths", "-1"], "fast-widths must be >= 0"),
-        ([], "exactly one of --target-macs or --target-params"),
+        ([], "exactly one of --target-macs, --target-params or --target-latency"),
     ],
 )
 def test_bad_prune_requests_exit_2_and_write_nothing(base, tmp_path, args, message):

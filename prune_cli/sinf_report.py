@@ -158,6 +158,9 @@ def evaluate(
         "macs_subgraph_mean": macs_sum / n,
         "base_macs": base_macs,
         "macs_reduction": 1.0 - mean_macs / base_macs,
+        # the two decisions that move SINF's top-1 most (docs/methods.md, SINF); None: not recorded by the build
+        "bn_recalibration": s.manifest.get("config", {}).get("bn_recalibration"),
+        "restrict": model.restrict,
         "per_cluster": per_cluster,
     }
 

@@ -122,6 +122,9 @@ class Cell:
         job["latency_batches"] = list(job["latency_batches"])
         if not job["fast_widths"]:  # off: the keys of records made before the option existed stay valid
             del job["fast_widths"]
+        for name, off in (("target_latency", 0.0), ("latency_batch", 1), ("runtime", "torch")):  # likewise
+            if job.get(name) == off:
+                del job[name]
         return {"job": job, "dataset": dataset, "data_dir": data_dir, "base_sha256": base_digest}
 
 

@@ -49,8 +49,8 @@ def export(
     net, dataset, splits = pipeline.load_model_and_data(
         model_file, dataset, data_dir, seed=seed, device="cpu", trust=trust_factory or ()
     )
-    ui.info(f"exporting {model_file} to ONNX (opset {E.OPSET}, TorchScript exporter, dynamic batch axis)")
     data = E.to_onnx(net, pipeline.example_input(splits))
+    ui.info(f"exported to ONNX (opset {E.OPSET}, TorchScript exporter, dynamic batch axis); checking with ONNX Runtime")
     row = {"model_file": str(model_file), "out": str(out), "opset": E.OPSET, "bytes": len(data), "dataset": dataset}
     if check_images:
         x = D.to_float(splits.test.x[:check_images], splits)

@@ -231,6 +231,7 @@ def run_cell(
         "target": cell.job.target.reduction,
         "metric": cell.job.target.metric,
         "seed": cell.job.seed,
+        "bn_recalibration": s["bn_recalibration"],
         "base_file": str(base_file),
         "before": s["before"],
         "after": s["after"],

@@ -7,6 +7,7 @@
     targets: [0.3, 0.5]                    # fraction of MACs to remove (dynamic methods: per input)
     seeds: [0, 1]
     finetune: {epochs: 1, lr: 0.01}        # identical for every criterion
+    bn_recalibration: true                 # re-estimate BatchNorm statistics after removal (the default)
 
 Unknown keys are errors with a suggestion (`prune_cli.config`); values are converted to the declared types, so
 CLI overrides (strings) and YAML values give the same experiment. Each cell is a `pruning.PruneJob`; its key
@@ -85,6 +86,7 @@ class Experiment:
     calib_images: int = 1024
     latency_batches: tuple[int, ...] = (1, 64)
     latency_seconds: float = 2.0
+    bn_recalibration: bool = True  # re-estimate BatchNorm statistics after removal (PruneJob.recalibrate_bn)
     out: str | None = None
     notes: str = ""
 
@@ -107,7 +109,7 @@ class Experiment:
             max_ratio=self.max_ratio,
             calib_images=self.calib_images, finetune_epochs=ft.epochs, lr=ft.lr, batch_size=ft.batch_size,
             weight_decay=ft.weight_decay, seed=seed, latency_batches=self.latency_batches,
-            latency_seconds=self.latency_seconds,
+            latency_seconds=self.latency_seconds, recalibrate_bn=self.bn_recalibration,
         )  # fmt: skip
 
 

@@ -7,6 +7,7 @@ Data flow (DESIGN.md): model file -> channel groups -> criterion.run(context) ->
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field
@@ -37,6 +38,9 @@ from prune_cli.errors import BadValue
 from prune_cli.modelfile import save_model
 from prune_cli.surgery import CostModel
 
+# Training images the BatchNorm statistics are re-estimated on after removal (PruneJob.recalibrate_bn).
+BN_IMAGES = 2048
+
 
 @dataclass(frozen=True)
 class PruneJob:
@@ -58,7 +62,9 @@ class PruneJob:
     seed: int = 0
     latency_batches: tuple[int, ...] = (1, 64)
     latency_seconds: float = 2.0  # timing budget per batch size and model
-    # Re-estimate BatchNorm statistics after surgery (every criterion alike); "before fine-tune" includes it.
+    # Re-estimate BatchNorm statistics on BN_IMAGES training images after surgery, every static criterion alike
+    # ("before fine-tune" includes it); the base's same-setting top-1 too. `--[no-]bn-recalibration` and the
+    # experiment's `bn_recalibration:`; the field keeps its first name, so that records made before keep their keys.
     recalibrate_bn: bool = True
     # A measured-latency target (latency.py): the fraction of the base's latency to remove at `latency_batch` (0:
     # off; `target` is then only what criteria that choose their own widths aim at). Runtime: what latency times.
@@ -109,6 +115,7 @@ class Outcome:
             "dataset": self.dataset,
             "base_file": self.base_file,
             "finetune_epochs": self.job.finetune_epochs,
+            "bn_recalibration": self.job.recalibrate_bn,
             "seed": self.job.seed,
             "before": self.before,
             "after": self.after,
@@ -184,6 +191,8 @@ def run(
     )
     criterion = build_criterion(job.criterion, job.options)
     before = _measure(base, splits, device, top1=_base_top1(model_file, dataset, base, splits, device))
+    if job.recalibrate_bn and not criterion.dynamic:  # the base measured as the pruned model will be (a copy)
+        before["top1_bn_recalibrated"] = _base_top1(model_file, dataset, base, splits, device, recalibrate=job.seed)
     example = pipeline.example_input(splits).to(device)
 
     t0 = time.perf_counter()
@@ -218,8 +227,11 @@ def run(
     else:
         keep, overrides, target_report = plan_from_result(result, ctx, job, by_latency)
         pruned = surgery.prune(base, example, keep, overrides or None, groups=groups)
-    if job.recalibrate_bn and not isinstance(result, Dynamic):
-        engine.recalibrate_batchnorm(pruned, splits, device=device)
+    recalibrated = job.recalibrate_bn and not isinstance(result, Dynamic)
+    if recalibrated:
+        engine.recalibrate_batchnorm(pruned, splits, images=BN_IMAGES, device=device)
+    else:
+        before.pop("top1_bn_recalibrated", None)
     surgery_s = time.perf_counter() - t1
     top1_before_ft = engine.evaluate(pruned, splits.test, splits, device=device).top1
 
@@ -236,6 +248,7 @@ def run(
 
     after = _measure(pruned, splits, device, top1=None if job.finetune_epochs else top1_before_ft)
     after["top1_before_finetune"] = top1_before_ft
+    after["bn_recalibrated_images"] = min(BN_IMAGES, len(splits.train)) if recalibrated else 0
     if time_latency:  # both now, taking turns: timed minutes apart, the CPU's drifting speed would enter the ratio
         lat_before, lat_after = pipeline.time_side_by_side(
             [base, pruned], splits, latency_batches=job.latency_batches, device=device,
@@ -277,7 +290,12 @@ def _measure(model: nn.Module, splits: D.Splits, device: torch.device, top1: flo
 _BASE_TOP1: dict[tuple, float] = {}
 
 
-def _base_top1(model_file: str | Path, dataset: str, base: nn.Module, splits: D.Splits, device: torch.device) -> float:
+def _base_top1(
+    model_file: str | Path, dataset: str, base: nn.Module, splits: D.Splits, device: torch.device,
+    recalibrate: int | None = None,
+) -> float:  # fmt: skip
+    """The base's test top-1 with its own BatchNorm statistics, or, with `recalibrate` (the run's seed, which picks
+    the training images), with them re-estimated on the images a pruned model's are (on a copy: `base` is kept)."""
     stat = Path(model_file).stat()
     key = (
         str(Path(model_file).resolve()),
@@ -287,9 +305,14 @@ def _base_top1(model_file: str | Path, dataset: str, base: nn.Module, splits: D.
         splits.mean,
         splits.std,
         str(device),
+        recalibrate,
     )
     if key not in _BASE_TOP1:
-        _BASE_TOP1[key] = engine.evaluate(base, splits.test, splits, device=device).top1
+        model = base
+        if recalibrate is not None:
+            model = copy.deepcopy(base)
+            engine.recalibrate_batchnorm(model, splits, images=BN_IMAGES, device=device)
+        _BASE_TOP1[key] = engine.evaluate(model, splits.test, splits, device=device).top1
     return _BASE_TOP1[key]
 
 

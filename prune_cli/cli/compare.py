@@ -30,6 +30,14 @@ def compare(
     base: Annotated[
         Path | None, typer.Option(help="Override: a trained base model file.", rich_help_panel=O.RUN)
     ] = None,  # fmt: skip
+    bn_recalibration: Annotated[
+        bool | None,
+        typer.Option(
+            "--bn-recalibration/--no-bn-recalibration",
+            rich_help_panel=O.PRUNE,
+            help="Override: re-estimate BatchNorm statistics after removal (default: the experiment's, else on).",
+        ),
+    ] = None,  # fmt: skip
     dataset: O.Dataset = None,
     data_dir: O.DataDir = None,
     jobs: Annotated[
@@ -53,7 +61,7 @@ def compare(
     ui.quiet = quiet
     overrides = {"out": str(out) if out else None, "criteria": criteria, "targets": targets, "seeds": seeds,
                  "dataset": dataset, "data_dir": str(data_dir) if data_dir else None,
-                 "base": {"file": str(base)} if base else None}  # fmt: skip
+                 "base": {"file": str(base)} if base else None, "bn_recalibration": bn_recalibration}  # fmt: skip
     exp = load_experiment(experiment, overrides)
     if finetune_epochs is not None:  # a nested key: replace it in the parsed experiment (run_grid validates it)
         exp = replace(exp, finetune=replace(exp.finetune, epochs=finetune_epochs))

@@ -89,3 +89,12 @@ TrustFactory = Annotated[
     ),
 ]
 CalibImages = Annotated[int, typer.Option(help="Calibration images for scoring.", rich_help_panel=PRUNE)]
+BnRecalibration = Annotated[
+    bool,
+    typer.Option(
+        "--bn-recalibration/--no-bn-recalibration",
+        help="Re-estimate BatchNorm statistics on 2,048 training images after removal (static criteria); the "
+        "original's top-1 is then also given with its statistics re-estimated on the same images.",
+        rich_help_panel=PRUNE,
+    ),
+]

@@ -28,6 +28,7 @@ def prune(
     fast_widths: O.FastWidths = 0,
     max_ratio: O.MaxRatio = 0.9,
     calib_images: O.CalibImages = 1024,
+    bn_recalibration: O.BnRecalibration = True,
     finetune_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs (0: none).", rich_help_panel=O.TRAIN)] = 0,
     lr: O.Lr = 0.01,
     batch_size: O.BatchSize = 128,
@@ -77,7 +78,7 @@ def prune(
     job = pruning.PruneJob(
         criterion=criterion, options=parse_key_values(opt), target=target, mode=mode, scope=scope,
         round_to=round_to, fast_widths=fast_widths, max_ratio=max_ratio, calib_images=calib_images,
-        finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size, seed=seed,
+        finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size, seed=seed, recalibrate_bn=bn_recalibration,
         latency_batches=tuple(dict.fromkeys([*pipeline.parse_batches(latency_batches),
                                              *([latency_batch] if target_latency else [])])),
         target_latency=target_latency or 0.0,
@@ -106,16 +107,29 @@ def show(summary: dict, batches: tuple[int, ...]) -> None:
     rows = [
         ["params", ui.human(before["params"]), ui.human(after["params"]), f"{before['params'] / after['params']:.2f}x"],
         ["MACs", ui.human(before["macs"]), ui.human(after["macs"]), f"{before['macs'] / after['macs']:.2f}x"],
-        ["top-1 (test)", f"{before['top1']:.4f}", f"{after['top1_before_finetune']:.4f} before fine-tune", ""],
     ]
+    # Each pruned figure beside the original measured the same way: right after removal, with BatchNorm statistics
+    # re-estimated on the same images when the pruned model's were; after fine-tuning, with the statistics training
+    # leaves (the original's own).
+    same, top1 = before.get("top1_bn_recalibrated", before["top1"]), after["top1_before_finetune"]
+    rows.append(["top-1 (test)", f"{same:.4f}", f"{top1:.4f} before fine-tune", f"{100 * (top1 - same):+.2f} pt"])
     if after.get("top1") is not None and summary["finetune_epochs"]:
         epochs = summary["finetune_epochs"]
-        rows.append(["", "", f"{after['top1']:.4f} after {epochs} epoch{'s' if epochs != 1 else ''}",
-                     f"{100 * (after['top1'] - before['top1']):+.2f} pt"])  # fmt: skip
+        ft = f"{after['top1']:.4f} after {epochs} epoch{'s' if epochs != 1 else ''}"
+        rows.append(["", f"{before['top1']:.4f}", ft, f"{100 * (after['top1'] - before['top1']):+.2f} pt"])
     for b in batches:
         lb, la = before[f"latency_b{b}_ms"], after[f"latency_b{b}_ms"]
         rows.append([f"latency b{b} (ms)", f"{lb:.3f}", f"{la:.3f}", f"{lb / la:.2f}x"])
     ui.grid(["", "original", "pruned", "gain"], rows, title=f"{summary['criterion']} at {summary['target']}")
+    if images := after.get("bn_recalibrated_images"):
+        ui.out.print(
+            f"BatchNorm statistics re-estimated on {images:,} training images after removal, and for the original's "
+            f"top-1 before fine-tuning (with the statistics it carries: {before['top1']:.4f}); "
+            "--no-bn-recalibration turns this off",
+            markup=False,
+        )
+    elif not summary.get("bn_recalibration", True):
+        ui.out.print("BatchNorm statistics not re-estimated after removal (--no-bn-recalibration)", markup=False)
     t = summary["target_report"]
     if t["metric"] == "latency":  # measured against the base in alternating turns, at one batch size
         ui.out.print(

@@ -20,18 +20,19 @@ import os
 import platform
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+import models
 from prune_cli import __version__, engine, pipeline, pruning
 from prune_cli.errors import BadModelFile, BadValue
 from prune_cli.experiment import Cell, Experiment, config_key, file_digest
 from prune_cli.io import write_text
-from prune_cli.modelfile import load_model
+from prune_cli.modelfile import load_model, read_metadata
 from prune_cli.store import CorruptRecord, Store
 
 PENDING = "pending"  # <out>/pending/<key>.json and .safetensors: a cell run by a worker, its latency not yet timed
@@ -46,14 +47,22 @@ class GridResult:
     base_file: Path
 
 
-def prepare_base(exp: Experiment, device: torch.device, reporter: Any = None, log: Callable = lambda m: None) -> Path:
-    """The base model file: the experiment's `file`, or a model trained here once (reused on later runs)."""
+def prepare_base(
+    exp: Experiment, device: torch.device, reporter: Any = None, log: Callable = lambda m: None,
+    trust: Collection[str] = (),
+) -> Path:  # fmt: skip
+    """The base model file: the experiment's `file`, or a model trained here once (reused on later runs). A user
+    factory named in the experiment is built only when the user trusts it for this run, as one named in a model file.
+    """
     if exp.base.file is not None:
         path = Path(exp.base.file)
         if not path.is_file():
             raise BadModelFile(f"base model file {path} does not exist")
+        arch, _ = read_metadata(path)  # refuse a file that names an untrusted factory before any cell starts
+        models.check_file_factory(arch["factory"], trust, str(path))
         return path
     b = exp.base
+    models.check_file_factory(b.model, trust, source=f"experiment {exp.name!r}")
     cfg = engine.TrainConfig(epochs=b.epochs, lr=b.lr, batch_size=b.batch_size, seed=b.seed)
     recipe = {"model": b.model, "dataset": exp.dataset, "data_dir": exp.data_dir, "train": engine.config_dict(cfg)}
     path = exp.out_dir / f"base-{config_key(recipe)[:8]}.safetensors"
@@ -77,15 +86,18 @@ def prepare_base(exp: Experiment, device: torch.device, reporter: Any = None, lo
 def run_grid(
     exp: Experiment, *, jobs: int = 1, device: torch.device | None = None, reporter: Any = None,
     log: Callable[[str], None] = lambda m: None, warn: Callable[[str], None] = lambda m: None,
+    trust: Collection[str] = (),
 ) -> GridResult:  # fmt: skip
-    """Run every unfinished cell of `exp`; return all its records (in grid order)."""
+    """Run every unfinished cell of `exp`; return all its records (in grid order). `trust`: user factories that
+    the base model file (or the experiment) may name."""
     if jobs < 1:
         raise BadValue(f"--jobs must be >= 1, got {jobs}")
     check_out_dir(exp.out_dir)
     device = device or engine.default_device()
     store = Store(exp.out_dir)
     cells = exp.cells()  # validates every job before any training
-    base_file = prepare_base(exp, device, reporter, log)
+    trust = tuple(trust)
+    base_file = prepare_base(exp, device, reporter, log, trust)
     digest = file_digest(base_file)
     keys = [config_key(c.config(exp.dataset, exp.data_dir, digest)) for c in cells]
 
@@ -120,7 +132,7 @@ def run_grid(
         run_in_processes(todo, jobs, args, exp.out_dir / PENDING, finished, log, warn)
     if untimed:
         ordered = [k for k in dict.fromkeys(keys) if k in untimed]  # grid order
-        done.update(time_pending(exp, ordered, base_file, device, reporter, log))
+        done.update(time_pending(exp, ordered, base_file, device, reporter, log, trust))
     return GridResult([done[k] for k in dict.fromkeys(keys)], len(todo), len(cells) - len(todo), corrupt, base_file)
 
 
@@ -209,7 +221,7 @@ def _init_worker(threads: int) -> None:
 
 def run_cell(
     cell: Cell, key: str, *, exp: Experiment, base_file: str, digest: str, device: str, reporter: Any = None,
-    log: Callable[[str], None] = lambda m: None, defer_latency: bool = False,
+    log: Callable[[str], None] = lambda m: None, defer_latency: bool = False, trust: Collection[str] = (),
 ) -> dict[str, Any]:  # fmt: skip
     """Run one cell and store its record (atomically, when it has finished); with `defer_latency`, leave the record
     and the pruned model in the pending folder, untimed, for `time_pending`."""
@@ -217,7 +229,7 @@ def run_cell(
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     outcome = pruning.run(
         base_file, cell.job, dataset=exp.dataset, data_dir=Path(exp.data_dir) if exp.data_dir else None,
-        device=torch.device(device), reporter=reporter, log=log, time_latency=not defer_latency,
+        device=torch.device(device), reporter=reporter, log=log, time_latency=not defer_latency, trust=trust,
     )  # fmt: skip
     s = outcome.summary()
     record = {
@@ -265,13 +277,13 @@ def _pending(exp: Experiment, key: str) -> tuple[dict[str, Any], Path] | None:
 
 def time_pending(
     exp: Experiment, keys: list[str], base_file: Path, device: torch.device, reporter: Any = None,
-    log: Callable[[str], None] = lambda m: None,
+    log: Callable[[str], None] = lambda m: None, trust: Collection[str] = (),
 ) -> dict[str, dict[str, Any]]:  # fmt: skip
     """Time the base and each pending cell's model in turn in this process, then store their records."""
     log(f"timing {len(keys)} pruned models, one at a time, each taking turns with the base")
     store, folder = Store(exp.out_dir), exp.out_dir / PENDING
     data_dir = Path(exp.data_dir) if exp.data_dir else None
-    base, _, splits = pipeline.load_model_and_data(base_file, exp.dataset, data_dir, device=device)
+    base, _, splits = pipeline.load_model_and_data(base_file, exp.dataset, data_dir, device=device, trust=trust)
     advance = reporter.counter("latency", len(keys)) if reporter is not None else (lambda n=1: None)
     timed = {}
     for key in keys:
@@ -281,7 +293,8 @@ def time_pending(
         record, model_file = found
         job = record["config"]["job"]
         kw = dict(latency_batches=job["latency_batches"], device=device, latency_seconds=job["latency_seconds"])
-        before, after = pipeline.time_side_by_side([base, load_model(model_file, device).eval()], splits, **kw)
+        pruned = load_model(model_file, device, trust=trust).eval()
+        before, after = pipeline.time_side_by_side([base, pruned], splits, **kw)
         record["before"].update(before)
         record["after"].update(after)
         store.save(record)

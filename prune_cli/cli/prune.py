@@ -70,6 +70,10 @@ def prune(
         target = Target("macs", target_macs) if target_macs is not None else Target("params", target_params)  # type: ignore[arg-type]
     if out is not None and out.suffix != ".safetensors":
         raise BadValue(f"--out must end in .safetensors, got {out.name!r}")
+    if out is not None:
+        from prune_cli.io import check_output
+
+        check_output(out)  # now, not after the scoring and fine-tuning
     if runtime == "onnxruntime":
         from prune_cli.export import require_onnx
 
@@ -89,10 +93,6 @@ def prune(
                               log=ui.info, trust=trust_factory or ())  # fmt: skip
     if out is not None:
         pruning.save(outcome, out)
-    if out is not None:
-        from prune_cli.io import check_output
-
-        check_output(out)  # now, not after the scoring and fine-tuning
     if warning := pipeline.busy_machine_warning(outcome.after):
         ui.warn(warning)
     if json:

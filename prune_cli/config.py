@@ -54,7 +54,7 @@ class _StrictLoader(yaml.SafeLoader):
                 raise BadConfig(f"the alias *{event.anchor} at line {event.start_mark.line + 1} is inside its anchor")
             if event.anchor in self.anchors:  # an unknown alias is PyYAML's own error
                 size, depth = _expanded(self.anchors[event.anchor], self._sizes)
-                self._nest(self._depth + depth, event.start_mark)
+                self._nest(self._depth + depth, event.start_mark, " with its aliases expanded")
                 self._count(size, event.start_mark)
             return super().compose_node(parent, index)
         mark, anchor = event.start_mark, getattr(event, "anchor", None)
@@ -69,9 +69,16 @@ class _StrictLoader(yaml.SafeLoader):
         self._count(1, mark)
         return node
 
-    def _nest(self, depth: int, mark: Any) -> None:
+    def _nest(self, depth: int, mark: Any, how: str = "") -> None:
         if depth > MAX_YAML_DEPTH:
-            raise BadConfig(f"nesting deeper than {MAX_YAML_DEPTH} levels (aliases expanded) at line {mark.line + 1}")
+            raise BadConfig(f"nesting deeper than {MAX_YAML_DEPTH} levels{how} at line {mark.line + 1}")
+
+    def fetch_flow_collection_start(self, TokenClass: Any) -> None:  # noqa: N803  (PyYAML's name)
+        # The scanner reads up to 1024 characters ahead of each "[" or "{" (it might start a key), and each token it
+        # reads checks every open one: a long run of brackets takes seconds before the composer sees any of them.
+        if self.flow_level >= MAX_YAML_DEPTH:
+            raise BadConfig(f"nesting deeper than {MAX_YAML_DEPTH} levels at line {self.line + 1}")
+        super().fetch_flow_collection_start(TokenClass)
 
     def _count(self, values: int, mark: Any) -> None:
         self._values += values

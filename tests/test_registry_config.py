@@ -97,7 +97,7 @@ def test_yaml_aliases_that_expand_too_far_are_refused_within_a_second(tmp_path):
     lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
     lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]  # 9**10 values
     t0 = time.perf_counter()
-    with pytest.raises(BadConfig, match="expands to more than"):
+    with pytest.raises(BadConfig, match="more than 5,000 values"):
         _yaml(tmp_path, "\n".join(lines))
     assert time.perf_counter() - t0 < 1.0
     # a few small aliases are fine: the bound counts what they expand to
@@ -162,3 +162,12 @@ def test_a_long_run_of_brackets_is_refused_before_the_scanner_reads_ahead(tmp_pa
     with pytest.raises(BadConfig, match="nesting deeper than 32 levels at line 1"):
         _yaml(tmp_path, "a: " + "[" * 1200 + "]" * 1200 + "\n")
     assert time.perf_counter() - t0 < 0.25
+
+
+def test_a_document_too_large_for_an_experiment_is_refused_before_parsing(tmp_path):
+    from prune_cli.config import MAX_YAML_BYTES
+
+    with pytest.raises(BadConfig, match="larger than 64 KiB"):
+        _yaml(tmp_path, "a: [" + ",".join(["1"] * (MAX_YAML_BYTES // 2 + 1)) + "]\n")
+    with pytest.raises(BadConfig, match="more than 5,000 values"):  # small enough in bytes, too many values
+        _yaml(tmp_path, "a: [" + ",".join(["1"] * 6000) + "]\n")

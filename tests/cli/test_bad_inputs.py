@@ -157,7 +157,7 @@ CASES: list[tuple[str, str, dict[str, object], str]] = [
         "duplicate key 'targets' at line 5 (first at line 4)",
     ),
     ("yaml-latency-seconds-negative", "compare e.yaml", experiment(EXP + "latency_seconds: -1\n"), "latency_seconds"),
-    ("yaml-billion-laughs", "compare e.yaml", experiment(BOMB), "expands to more than"),
+    ("yaml-billion-laughs", "compare e.yaml", experiment(BOMB), "more than 5,000 values"),
     ("yaml-seed-beyond-32-bits", "compare e.yaml", experiment(EXP + "seeds: [4294967296]\n"), "seeds"),
     # --- outputs destroyed or left behind: the scores would be written, then the comparison fails
     (

@@ -32,8 +32,8 @@ def check_seed(seed: Any, what: str = "--seed") -> int:
 
 
 # ------------------------------------------------------------------------------------------------------ YAML
-# An experiment file is about 1 KB and 50 values; pure-Python PyYAML takes about 0.1 ms per value on a quiet core
-# (several times that on a busy one), so these bounds also bound the time a crafted file can take.
+# An experiment file is about 1 KB and 50 values. Pure-Python PyYAML spends up to a fraction of a millisecond per
+# value, so these bounds also bound the time a crafted file can take.
 MAX_YAML_BYTES = 64 << 10
 MAX_YAML_DEPTH = 32  # nesting of mappings and lists
 MAX_YAML_VALUES = 5_000  # values in the document with every alias expanded

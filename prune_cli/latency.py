@@ -212,15 +212,21 @@ def knapsack(values: Sequence[Sequence[float]], costs: Sequence[Sequence[float]]
     return out[::-1]
 
 
-def values_of(scores: Tensor) -> np.ndarray:
-    """(n + 1,) summed value of keeping the top 0..n channels of a group with `scores` (n,) (higher = keep),
-    normalised so that the group's channels average 1: groups score on their own scales, and the knapsack compares
-    them by channel counts weighted by their in-group importance."""
+def values_of(scores: Tensor, weight: float = 1.0) -> np.ndarray:
+    """(n + 1,) value of keeping the top 0..n channels of a group with `scores` (n,) (higher = keep): the share of
+    the group's score mass they hold, times `weight`.
+
+    Criteria score each group on its own scale, so a channel's value is only comparable inside its group. The
+    planner weights each group by its charged time at full width: where time is linear in width and scores are
+    equal, the knapsack's answer is then the uniform cut, and it departs from it only where the table (a width that
+    runs faster than a wider one) or the scores (a group whose mass sits in few channels) give it reason to. Counting
+    channels instead (every channel worth 1) strips the groups whose channels cost most, and with them accuracy.
+    """
     s = scores.detach().double().cpu()
     s = s - min(0.0, float(s.min()))
-    s = s / s.mean() if float(s.mean()) > 0 else torch.ones_like(s)
+    s = s / s.sum() if float(s.sum()) > 0 else torch.full_like(s, 1.0 / len(s))
     top = torch.sort(s, descending=True).values
-    return np.concatenate([[0.0], torch.cumsum(top, 0).numpy()])
+    return weight * np.concatenate([[0.0], torch.cumsum(top, 0).numpy()])
 
 
 # ------------------------------------------------------------------------------------------------ the planner
@@ -283,9 +289,12 @@ class LatencyPlanner:
         return float(sum(costs[g.id][self.candidates[g.id].index(counts[g.id])] for g in self.groups))
 
     def by_scores(self, scores: Scores, budget: float, costs: Mapping[str, np.ndarray]) -> dict[str, int]:
-        """The candidate widths with the most normalised score whose charged time fits `budget` (ms); the
-        narrowest widths where nothing fits."""
-        values = [values_of(scores.per_group.get(g.id, torch.ones(g.size)))[self.candidates[g.id]] for g in self.groups]
+        """The candidate widths with the most value (`values_of`: score mass weighted by the group's time) whose
+        charged time fits `budget` (ms); the narrowest widths where nothing fits."""
+        values = [
+            values_of(scores.per_group.get(g.id, torch.ones(g.size)), float(costs[g.id][0]))[self.candidates[g.id]]
+            for g in self.groups
+        ]
         try:
             picks = knapsack(values, [costs[g.id] for g in self.groups], budget)
         except ValueError:

@@ -66,6 +66,12 @@ def test_knapsack_matches_brute_force_on_integer_costs(seed):
     assert sum(v[j] for v, j in zip(values, pick, strict=True)) == pytest.approx(best)
 
 
+def test_values_are_score_mass_shares_weighted_by_the_group_time():
+    assert L.values_of(torch.tensor([1.0, 3.0, 0.0, 4.0]), 2.0).tolist() == pytest.approx([0, 1.0, 1.75, 2.0, 2.0])
+    assert L.values_of(torch.tensor([-1.0, 1.0])).tolist() == pytest.approx([0, 1.0, 1.0])  # shifted to >= 0
+    assert L.values_of(torch.zeros(4)).tolist() == pytest.approx([0, 0.25, 0.5, 0.75, 1.0])
+
+
 # ----------------------------------------------------------------------------------------- a fixed fake table
 class FakeTable:
     """Times from a formula (a conv layer costs in * out / 100 ms, 16 channels cost what 12 do: a fast width)."""
@@ -110,7 +116,7 @@ def test_knapsack_plan_is_the_exact_best_on_a_fake_table(planner):
     costs = planner.costs(planner.full)
     budget = 0.6 * planner.predicted(planner.full, costs)
     counts = planner.by_scores(scores, budget, costs)
-    values = {g.id: L.values_of(scores.per_group[g.id]) for g in planner.groups}
+    values = {g.id: L.values_of(scores.per_group[g.id], costs[g.id][0]) for g in planner.groups}
     best, best_counts = -1.0, None
     ids = [g.id for g in planner.groups]
     for widths in itertools.product(*(planner.candidates[g] for g in ids)):

@@ -85,6 +85,14 @@ class PruneJob:
             latency.check_latency_target(self.target_latency, self.latency_batch)
         if self.runtime not in latency.RUNTIMES:
             raise BadValue(f"--runtime must be one of {', '.join(latency.RUNTIMES)}, got {self.runtime!r}")
+        self.finetune_config()  # refuse a bad learning rate or weight decay now, not after minutes of scoring
+
+    def finetune_config(self) -> engine.TrainConfig:
+        """The fine-tuning recipe (checked: finite positive learning rate, weight decay >= 0)."""
+        return engine.TrainConfig(
+            epochs=self.finetune_epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+            warmup_epochs=0.0, seed=self.seed,
+        )  # fmt: skip
 
 
 @dataclass
@@ -238,10 +246,7 @@ def run(
     history: list[dict] = []
     t2 = time.perf_counter()
     if job.finetune_epochs:
-        cfg = engine.TrainConfig(
-            epochs=job.finetune_epochs, batch_size=job.batch_size, lr=job.lr, weight_decay=job.weight_decay,
-            warmup_epochs=0.0, seed=job.seed,
-        )  # fmt: skip
+        cfg = job.finetune_config()
         log(f"fine-tuning {job.finetune_epochs} epochs at lr {job.lr}")
         history = engine.train(pruned, splits, cfg, hooks=hooks, device=device, reporter=reporter, log=log).history
     finetune_s = time.perf_counter() - t2

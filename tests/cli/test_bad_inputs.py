@@ -123,6 +123,7 @@ CASES: list[tuple[str, str, dict[str, object], str]] = [
     ("train-weight-decay-negative", TRAIN + " --weight-decay -1", {}, "weight decay"),
     ("train-weight-decay-nan", TRAIN + " --weight-decay nan", {}, "weight decay"),
     ("train-batch-larger-than-the-training-set", TRAIN + " --batch-size 1000000", {}, "training images"),
+    ("prune-lr-inf", PRUNE + " --finetune-epochs 1 --lr inf", {}, "learning rate"),
     ("eval-device-meta", "eval {M} --device meta", {}, "meta"),
     ("train-device-meta", TRAIN + " --device meta", {}, "meta"),
     ("eval-device-torch-lacks", "eval {M} --device xla", {}, "xla"),

@@ -7,6 +7,8 @@ same key) are skipped, so a re-run recomputes nothing and an interrupted run res
 once on a CPU slow each other down, so those workers do not time latency: each leaves its record and pruned model
 in `<out>/pending/`, and when the grid has finished this process times them one at a time, each taking turns with
 the base, then files the records. A pending cell survives an interruption and is timed by the next run.
+`executor: ray` runs the cells as Ray tasks instead (`ray_executor`), which leave the same pending files; a cell
+whose task failed there is recorded in `<out>/failed/` (no leaderboard counts it) and run again by the next run.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import platform
 import signal
 import time
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ from prune_cli.modelfile import load_model, read_metadata
 from prune_cli.store import CorruptRecord, Store
 
 PENDING = "pending"  # <out>/pending/<key>.json and .safetensors: a cell run by a worker, its latency not yet timed
+FAILED = "failed"  # <out>/failed/<key>.json: a cell whose Ray task raised (its error); removed once it has finished
 
 
 @dataclass
@@ -45,6 +48,7 @@ class GridResult:
     skipped: int
     corrupt: list[str]
     base_file: Path
+    failed: list[dict[str, Any]] = field(default_factory=list)  # the failure records of cells that did not finish
 
 
 def prepare_base(
@@ -86,13 +90,19 @@ def prepare_base(
 def run_grid(
     exp: Experiment, *, jobs: int = 1, device: torch.device | None = None, reporter: Any = None,
     log: Callable[[str], None] = lambda m: None, warn: Callable[[str], None] = lambda m: None,
-    trust: Collection[str] = (),
+    trust: Collection[str] = (), cluster: Any = None,
 ) -> GridResult:  # fmt: skip
-    """Run every unfinished cell of `exp`; return all its records (in grid order). `trust`: user factories that
-    the base model file (or the experiment) may name."""
+    """Run every unfinished cell of `exp`; return the records of all its finished cells (in grid order). `trust`:
+    user factories that the base model file (or the experiment) may name. `cluster`: the `ray_executor.RaySettings`
+    of `executor: ray` (default: a local Ray instance on every core)."""
     if jobs < 1:
         raise BadValue(f"--jobs must be >= 1, got {jobs}")
     check_out_dir(exp.out_dir)
+    if exp.executor == "ray":
+        from prune_cli import ray_executor
+
+        ray_executor.import_ray()  # a missing extra is one line now, not after the base model has been trained
+        cluster = cluster or ray_executor.RaySettings()
     device = device or engine.default_device()
     store = Store(exp.out_dir)
     cells = exp.cells()  # validates every job before any training
@@ -116,7 +126,24 @@ def run_grid(
     log(f"{exp.name}: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run -> {exp.out_dir}")
 
     args = dict(exp=exp, base_file=str(base_file), digest=digest, device=str(device))
-    if jobs == 1 or len(todo) <= 1:
+    failed: list[dict[str, Any]] = []
+    if exp.executor == "ray" and todo:
+        advance = reporter.counter("cells", len(todo)) if reporter is not None else (lambda n=1: None)
+
+        def ran(key: str) -> None:
+            untimed.add(key)
+            advance(1)
+
+        def fell(cell: Cell, key: str, error: str) -> None:
+            failed.append(record_failure(exp, cell, key, digest, error))
+            warn(f"cell {cell.spec.title} target {cell.job.target.reduction:g} seed {cell.job.seed} failed: {error}")
+            advance(1)
+
+        ray_executor.run_on_ray(
+            todo, {**args, "trust": trust}, cluster, pending=exp.out_dir / PENDING, finished=ran, failed=fell,
+            log=log, warn=warn,
+        )  # fmt: skip
+    elif jobs == 1 or len(todo) <= 1:
         advance = reporter.counter("cells", len(todo)) if reporter is not None and todo else (lambda n=1: None)
         for cell, key in todo:
             log(f"cell {cell.spec.title} target {cell.job.target.reduction:g} seed {cell.job.seed}")
@@ -133,7 +160,24 @@ def run_grid(
     if untimed:
         ordered = [k for k in dict.fromkeys(keys) if k in untimed]  # grid order
         done.update(time_pending(exp, ordered, base_file, device, reporter, log, trust))
-    return GridResult([done[k] for k in dict.fromkeys(keys)], len(todo), len(cells) - len(todo), corrupt, base_file)
+    for key in done:  # failed in an earlier run, finished now
+        (exp.out_dir / FAILED / f"{key}.json").unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        (exp.out_dir / FAILED).rmdir()  # only when empty
+    records = [done[k] for k in dict.fromkeys(keys) if k in done]
+    return GridResult(records, len(todo), len(cells) - len(todo), corrupt, base_file, failed)
+
+
+def record_failure(exp: Experiment, cell: Cell, key: str, digest: str, error: str) -> dict[str, Any]:
+    """Write `<out>/failed/<key>.json` (atomically): which cell failed and why. It is not a run record: the store,
+    `report` and the leaderboard never read it, and the next `compare` runs the cell again."""
+    failure = {
+        "key": key, "config": cell.config(exp.dataset, exp.data_dir, digest), "experiment": exp.name,
+        "criterion": cell.spec.title, "target": cell.job.target.reduction, "seed": cell.job.seed, "error": error,
+        "failed": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }  # fmt: skip
+    write_text(exp.out_dir / FAILED / f"{key}.json", json.dumps(failure, indent=1, default=str) + "\n")
+    return failure
 
 
 def check_out_dir(out: Path) -> None:

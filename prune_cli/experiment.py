@@ -8,6 +8,7 @@
     seeds: [0, 1]
     finetune: {epochs: 1, lr: 0.01}        # identical for every criterion
     bn_recalibration: true                 # re-estimate BatchNorm statistics after removal (the default)
+    executor: local                        # or ray: where the cells run (never part of a cell's key)
 
 Unknown keys are errors with a suggestion (`prune_cli.config`); values are converted to the declared types, so
 CLI overrides (strings) and YAML values give the same experiment. Each cell is a `pruning.PruneJob`; its key
@@ -28,6 +29,8 @@ from prune_cli.config import build_dataclass, check_seed, load_yaml
 from prune_cli.engine import TrainConfig
 from prune_cli.errors import BadConfig, BadValue
 from prune_cli.pruning import PruneJob, build_criterion
+
+EXECUTORS = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ class Experiment:
     bn_recalibration: bool = True  # re-estimate BatchNorm statistics after removal (PruneJob.recalibrate_bn)
     out: str | None = None
     notes: str = ""
+    executor: str = "local"  # where cells run (`local` processes or `ray` tasks): not in any cell's config or key
 
     @property
     def out_dir(self) -> Path:
@@ -168,6 +172,8 @@ def parse_experiment(raw: dict[str, Any]) -> Experiment:
     exp = build_dataclass(Experiment, values, where="experiment key")
     for t in exp.targets:
         Target(exp.metric, t)  # type: ignore[arg-type]  (validates range and metric)
+    if exp.executor not in EXECUTORS:
+        raise BadConfig(f"`executor` must be one of {', '.join(EXECUTORS)}, got {exp.executor!r}")
     if not exp.targets or not exp.seeds:
         raise BadConfig("an experiment needs at least one target and one seed")
     for seed in (*exp.seeds, exp.base.seed):

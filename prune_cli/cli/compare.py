@@ -10,6 +10,11 @@ import typer
 
 from prune_cli.cli import options as O
 from prune_cli.cli import ui
+from prune_cli.errors import BadValue, PruneCliError
+
+
+class CellsFailed(PruneCliError):
+    """Cells of a grid whose runs raised (recorded under OUT/failed/); the others finished."""
 
 
 def compare(
@@ -41,9 +46,32 @@ def compare(
     dataset: O.Dataset = None,
     data_dir: O.DataDir = None,
     jobs: Annotated[
-        int,
-        typer.Option("--jobs", "-j", help="Cells run in parallel processes (threads divided).", rich_help_panel=O.RUN),
+        int | None,
+        typer.Option(
+            "--jobs",
+            "-j",
+            rich_help_panel=O.RUN,
+            help="Cells run in parallel processes (threads divided); with --executor ray and no --address, the CPUs "
+            "of the local Ray instance (default: every core).",
+        ),
+    ] = None,  # fmt: skip
+    executor: Annotated[
+        str | None,
+        typer.Option(help="Override: where cells run, local (processes) or ray (tasks).", rich_help_panel=O.RUN),
+    ] = None,  # fmt: skip
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="Ray: an existing cluster's address, e.g. 10.0.0.1:6379 (default: start a local one).",
+            rich_help_panel=O.RUN,
+        ),
+    ] = None,  # fmt: skip
+    cpus_per_cell: Annotated[
+        int, typer.Option(help="Ray: CPUs (and torch threads) each cell reserves.", rich_help_panel=O.RUN)
     ] = 1,  # fmt: skip
+    gpus_per_cell: Annotated[
+        float, typer.Option(help="Ray: GPUs each cell reserves (> 0: cells run on the GPU).", rich_help_panel=O.RUN)
+    ] = 0.0,  # fmt: skip
     trust_factory: O.TrustFactory = None,
     device: O.Device = None,
     threads: O.Threads = None,
@@ -61,21 +89,35 @@ def compare(
     ui.quiet = quiet
     overrides = {"out": str(out) if out else None, "criteria": criteria, "targets": targets, "seeds": seeds,
                  "dataset": dataset, "data_dir": str(data_dir) if data_dir else None,
-                 "base": {"file": str(base)} if base else None, "bn_recalibration": bn_recalibration}  # fmt: skip
+                 "base": {"file": str(base)} if base else None, "bn_recalibration": bn_recalibration,
+                 "executor": executor}  # fmt: skip
     exp = load_experiment(experiment, overrides)
+    cluster = None
+    if exp.executor == "ray":
+        from prune_cli.ray_executor import RaySettings
+
+        cluster = RaySettings(address=address, num_cpus=jobs, cpus_per_cell=cpus_per_cell, gpus_per_cell=gpus_per_cell)
+    elif address is not None or cpus_per_cell != 1 or gpus_per_cell != 0:
+        raise BadValue("--address, --cpus-per-cell and --gpus-per-cell are for --executor ray")
     if finetune_epochs is not None:  # a nested key: replace it in the parsed experiment (run_grid validates it)
         exp = replace(exp, finetune=replace(exp.finetune, epochs=finetune_epochs))
     dev = pipeline.setup_runtime(device, threads, 0)
     with ui.RichReporter() as reporter:
         result = grid.run_grid(
-            exp, jobs=jobs, device=dev, reporter=reporter, log=ui.info, warn=ui.warn, trust=trust_factory or ()
-        )
-    lb = report.write(result.records, exp.out_dir, title=exp.name)
-    ui.info(f"{result.ran} cells run, {result.skipped} reused; leaderboard written to {exp.out_dir}")
-    show(lb)
-    loads = [r["after"].get("load_average") or 0 for r in result.records]
-    if warning := pipeline.busy_machine_warning({"load_average": max(loads), "device": dev.type}):
-        ui.warn(warning)
+            exp, jobs=1 if jobs is None else jobs, device=dev, reporter=reporter, log=ui.info, warn=ui.warn,
+            trust=trust_factory or (), cluster=cluster,
+        )  # fmt: skip
+    if result.records:
+        lb = report.write(result.records, exp.out_dir, title=exp.name)
+        ui.info(f"{result.ran} cells run, {result.skipped} reused; leaderboard written to {exp.out_dir}")
+        show(lb)
+        loads = [r["after"].get("load_average") or 0 for r in result.records]
+        if warning := pipeline.busy_machine_warning({"load_average": max(loads), "device": dev.type}):
+            ui.warn(warning)
+    if result.failed:  # after the leaderboard of the cells that finished: one line, exit 2
+        first = result.failed[0]["error"]
+        raise CellsFailed(f"{len(result.failed)} of {result.ran} cells run failed (first: {first}); their errors "
+                          f"are in {exp.out_dir / grid.FAILED}; run compare again to retry them")  # fmt: skip
 
 
 def show(lb) -> None:

@@ -1,0 +1,194 @@
+"""`compare --executor ray`: the grid's cells as Ray tasks, on a local Ray instance or an existing cluster.
+
+Each task runs the same one-run code as a local worker process (`compare.run_cell` with `defer_latency`), in a
+scratch folder of its own, and returns the record and the pruned model file's bytes; this process writes them into
+`<out>/pending/` as a local worker would, so resume, latency timing (`compare.time_pending`, here, one model at a
+time), `report` and the leaderboard do not know which executor ran a cell. The base model file travels once through
+Ray's object store and is written to a temporary file on each worker, so a node needs no shared disk; it needs
+prune-cli installed and the experiment's dataset readable (digits is bundled; a `data_dir` must exist on every node).
+
+A task that raises is recorded as failed (`<out>/failed/<key>.json`) and the grid goes on; a worker process that
+dies is retried once by Ray, then recorded as failed. Ctrl-C cancels the tasks in flight; finished cells are kept.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from prune_cli.errors import BadValue, PruneCliError
+
+EXTRA = "pip install 'prune-cli[ray]'"
+
+
+class RayMissing(PruneCliError):
+    """`--executor ray` without Ray installed."""
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    """Where and how the cells run. `address`: an existing cluster (None: start a local one with `num_cpus`, None
+    meaning every core); each cell reserves `cpus_per_cell` CPUs (its torch threads) and `gpus_per_cell` GPUs."""
+
+    address: str | None = None
+    num_cpus: int | None = None
+    cpus_per_cell: int = 1
+    gpus_per_cell: float = 0.0
+
+    def __post_init__(self):
+        if self.cpus_per_cell < 1:
+            raise BadValue(f"--cpus-per-cell must be >= 1, got {self.cpus_per_cell}")
+        if not self.gpus_per_cell >= 0:  # also refuses NaN
+            raise BadValue(f"--gpus-per-cell must be >= 0, got {self.gpus_per_cell}")
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise BadValue(f"--jobs must be >= 1, got {self.num_cpus}")
+
+
+def import_ray() -> Any:
+    """Ray, or a one-line error naming the extra (checked before the base model is trained)."""
+    try:
+        import ray
+    except ImportError:
+        raise RayMissing(f"--executor ray needs Ray, which is not installed: {EXTRA}") from None
+    return ray
+
+
+def run_on_ray(
+    todo: list[tuple[Any, str]], args: dict[str, Any], settings: RaySettings, *, pending: Path,
+    finished: Callable[[str], None], failed: Callable[[Any, str, str], None],
+    log: Callable[[str], None] = lambda m: None, warn: Callable[[str], None] = lambda m: None,
+) -> None:  # fmt: skip
+    """Run the cells of `todo` ((cell, key) pairs) as Ray tasks. Each result is written into `pending` as it
+    arrives, then `finished(key)`; a cell whose task raised or whose worker died twice goes to `failed(cell, key,
+    error)`. `args`: run_cell's keyword arguments (exp, base_file, digest, device, trust)."""
+    from prune_cli.io import atomic_write, write_text
+
+    ray = import_ray()
+    started_here = _connect(ray, settings, log)
+    refs: dict[Any, tuple[Any, str]] = {}
+    try:
+        base_ref = ray.put(Path(args["base_file"]).read_bytes())  # once: every task reads this one copy
+        device = "cuda" if settings.gpus_per_cell > 0 else "cpu"  # a worker's own GPU, whatever the driver has
+        task = ray.remote(_run_cell_task).options(
+            num_cpus=settings.cpus_per_cell, num_gpus=settings.gpus_per_cell, max_retries=1, retry_exceptions=False
+        )
+        cell_args = {**args, "device": device}
+        log(f"running {len(todo)} cells as Ray tasks ({settings.cpus_per_cell} CPU, {settings.gpus_per_cell:g} GPU, "
+            f"{settings.cpus_per_cell} thread(s) each)")  # fmt: skip
+        for cell, key in todo:
+            refs[task.remote(cell, key, base_ref, cell_args, settings.cpus_per_cell)] = (cell, key)
+        waiting = list(refs)
+        while waiting:
+            ready, waiting = ray.wait(waiting, num_returns=1)
+            cell, key = refs[ready[0]]
+            try:
+                record, model_bytes = ray.get(ready[0])
+            except Exception as exc:  # the task raised, or its worker died on both tries
+                failed(cell, key, _describe(exc))
+                continue
+            # The model first: a pending record is only read when its model is there too (compare._pending).
+            with atomic_write(pending / f"{key}.safetensors") as tmp:
+                tmp.write_bytes(model_bytes)
+            write_text(pending / f"{key}.json", json.dumps(record, default=str))
+            finished(key)
+    except KeyboardInterrupt:
+        # The process is ending: a second Ctrl-C in the clean-up would only leave it half done (as compare._stop).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for ref in refs:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=True)
+        warn("interrupted: Ray tasks cancelled; the cells finished in this run are kept, the cells in flight are "
+             "lost; run compare again to resume")  # fmt: skip
+        raise
+    finally:
+        if started_here:
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+
+
+def _connect(ray: Any, settings: RaySettings, log: Callable[[str], None]) -> bool:
+    """Join the cluster at `settings.address`, or start a local one; True when this call started the connection
+    (and so ends it). A connection that is already open in this process (a notebook, a test) is used as it is."""
+    if ray.is_initialized():
+        return False
+    # This tool contacts no server of its own accord (the README's promise): no usage statistics unless asked for.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR, configure_logging=True)
+    try:
+        if settings.address:
+            ray.init(address=settings.address, **{k: v for k, v in quiet.items() if k != "include_dashboard"})
+            log(f"joined the Ray cluster at {settings.address}: {_cpus(ray)} CPUs")
+        else:
+            ray.init(num_cpus=settings.num_cpus or os.cpu_count() or 1, **quiet)
+            log(f"started a local Ray instance with {_cpus(ray)} CPUs")
+    except ConnectionError as exc:
+        raise BadValue(f"--address {settings.address}: cannot reach a Ray cluster there ({exc})") from None
+    return True
+
+
+def _cpus(ray: Any) -> int:
+    return int(ray.cluster_resources().get("CPU", 0))
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for the failed record: the error the cell itself raised, not Ray's wrapper around it."""
+    cause = getattr(exc, "cause", None) or exc
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+# ----------------------------------------------------------------------------------------------- on a worker
+_BASE_FILES: dict[str, str] = {}  # digest -> the base model's file in this worker process (written once)
+
+
+def _base_file(digest: str, data: bytes) -> str:
+    """The base model as a file on this worker. Kept for the process's life: a worker runs many cells, and the
+    base's test top-1 is cached per file path (pruning._base_top1)."""
+    if digest not in _BASE_FILES:
+        folder = tempfile.mkdtemp(prefix="prune-cli-base-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        path = os.path.join(folder, "base.safetensors")
+        with open(path, "wb") as f:
+            f.write(data)
+        _BASE_FILES[digest] = path
+    return _BASE_FILES[digest]
+
+
+def _run_cell_task(cell: Any, key: str, base: bytes, args: dict[str, Any], threads: int) -> tuple[dict, bytes]:
+    """One cell on a Ray worker: run_cell in a scratch output folder, then hand back its record and model bytes."""
+    import torch
+
+    from prune_cli.compare import PENDING, run_cell
+
+    torch.set_num_threads(threads)  # as many threads as CPUs reserved: cells on one node do not oversubscribe it
+    base_file = _base_file(args["digest"], base)
+    with tempfile.TemporaryDirectory(prefix="prune-cli-cell-") as scratch:
+        exp = replace(args["exp"], out=scratch)
+        try:
+            record = run_cell(
+                cell, key, exp=exp, base_file=base_file, digest=args["digest"], device=args["device"],
+                defer_latency=True, trust=args.get("trust", ()),
+            )  # fmt: skip
+        except PruneCliError:
+            raise
+        except Exception as exc:  # an unexpected error: keep where it happened for the failed record
+            raise RuntimeError(f"{exc!r} at {_where(exc)}") from exc
+        model_bytes = (Path(scratch) / PENDING / f"{key}.safetensors").read_bytes()
+    record["base_file"] = args["base_file"]  # the driver's file, as a local worker records it (not part of the key)
+    return record, model_bytes
+
+
+def _where(exc: BaseException) -> str:
+    frame = traceback.extract_tb(exc.__traceback__)[-1]
+    return f"{Path(frame.filename).name}:{frame.lineno}"

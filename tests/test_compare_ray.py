@@ -1,0 +1,204 @@
+"""`compare --executor ray` on one local Ray instance of 2 CPUs (started once for the module): the same records as the
+local executor, a killed driver resumed, a failing cell recorded and the grid going on, a missing extra refused."""
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from prune_cli.cli import app
+from prune_cli.experiment import config_key, load_experiment
+
+ray = pytest.importorskip("ray")
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+ACCURACY = ["target", "criterion", "seeds", "macs_removed", "params_removed", "top1_before_ft_mean", "top1_mean"]
+# What may differ between two runs of one cell: when and where it ran, and how fast.
+UNTIMED = ("latency", "load_average", "timings", "started", "finished", "machine", "base_file")
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def experiment(path: Path, **values) -> Path:
+    spec = {
+        "name": "tiny", "dataset": "digits", "criteria": ["l1"], "targets": [0.3, 0.5], "seeds": [0, 1],
+        "finetune": {"epochs": 1}, "latency_batches": [1], "latency_seconds": 0.05, "calib_images": 128, **values,
+    }  # fmt: skip
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One local Ray instance for the module: `compare` in this process joins it; a child process gets its address."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    out = tmp_path_factory.mktemp("base") / "base.safetensors"
+    result = run("train", "--model", "resnet20", "--dataset", "digits", "--epochs", "1", "--out", out, "-q")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_grid(cluster, base, tmp_path_factory):
+    """l1 x two targets x two seeds, as Ray tasks (one CPU and one thread each)."""
+    folder = tmp_path_factory.mktemp("ray")
+    exp = experiment(folder / "tiny.yaml", base={"file": str(base)}, out=str(folder / "out"))
+    result = run("compare", exp, "--executor", "ray")
+    assert result.exit_code == 0, result.output
+    return exp, folder / "out", result
+
+
+def records(out: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in (out / "records").glob("*.json")}
+
+
+def without_timings(value, tolerance=1e-6):
+    """`value` with every field that timing or placement decides removed, floats rounded to `tolerance`."""
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if not any(u in k for u in UNTIMED)}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    if isinstance(value, float):
+        return round(value / tolerance) * tolerance
+    return value
+
+
+def test_ray_gives_the_records_of_the_local_executor(ray_grid, tmp_path):
+    exp, out, result = ray_grid
+    assert "4 cells run, 0 reused" in result.output and not (out / "pending").exists()
+    local = tmp_path / "local"
+    result = run("compare", exp, "--jobs", "2", "--out", local)  # two processes of one thread, as the tasks
+    assert result.exit_code == 0, result.output
+    by_ray, by_local = records(out), records(local)
+    assert len(by_ray) == 4 and by_ray.keys() == by_local.keys()
+    for key, r in by_ray.items():
+        assert r["config"] == by_local[key]["config"] and r["base_file"] == by_local[key]["base_file"]
+        assert r["after"]["latency_b1_ms"] > 0 and r["before"]["latency_b1_ms"] > 0  # timed here, after the grid
+        assert without_timings(r) == without_timings(by_local[key]), key
+    pd.testing.assert_frame_equal(
+        pd.read_csv(out / "leaderboard.csv")[ACCURACY], pd.read_csv(local / "leaderboard.csv")[ACCURACY]
+    )
+
+
+def test_a_killed_driver_resumes_without_recomputing_finished_cells(cluster, ray_grid, tmp_path):
+    """SIGKILL a `compare --executor ray` child once a cell has come back; the re-run keeps that cell (a marker
+    written into it survives) and ends with the leaderboard of the uninterrupted run."""
+    exp, full, _ = ray_grid
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "prune_cli", "compare", str(exp), "--out", str(out), "--executor", "ray",
+           "--address", cluster, "-q"]  # fmt: skip
+    child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not list((out / "pending").glob("*.json")) and child.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    os.kill(child.pid, signal.SIGKILL)
+    _, stderr = child.communicate()
+    came_back = sorted((out / "pending").glob("*.json"))
+    assert came_back, stderr.decode()[-2000:]
+    assert not (out / "records").exists()  # killed before the grid's end: nothing was timed yet
+    for path in came_back:
+        record = json.loads(path.read_text())
+        record["timings"]["marker"] = 1.0  # survives only if the cell is not run again
+        path.write_text(json.dumps(record))
+
+    result = run("compare", exp, "--out", out, "--executor", "ray")
+    assert result.exit_code == 0, result.output
+    assert f"{4 - len(came_back)} cells run, {len(came_back)} reused" in result.output
+    resumed = records(out)
+    assert all(resumed[p.stem]["timings"]["marker"] == 1.0 for p in came_back)
+    assert sum("marker" in r["timings"] for r in resumed.values()) == len(came_back)
+    pd.testing.assert_frame_equal(
+        pd.read_csv(out / "leaderboard.csv")[ACCURACY], pd.read_csv(full / "leaderboard.csv")[ACCURACY]
+    )
+
+
+def test_a_failing_cell_is_recorded_and_the_others_finish(ray_grid, base, tmp_path):
+    """Target 0.95 is beyond what --max-ratio allows: that cell raises inside its task; the other one finishes,
+    the leaderboard holds it alone, and a re-run tries the failed cell again."""
+    _, full, _ = ray_grid
+    out = tmp_path / "out"
+    exp = experiment(tmp_path / "bad.yaml", base={"file": str(base)},
+                     targets=[0.95, 0.3], seeds=[0], out=str(out))  # fmt: skip
+    shutil.copytree(full / "records", out / "records")  # the 0.3 cell finished already: only the 0.95 one runs
+    for path in (out / "records").glob("*.json"):
+        if json.loads(path.read_text())["target"] != 0.3 or json.loads(path.read_text())["seed"] != 0:
+            path.unlink()
+    (good,) = records(out)
+    result = run("compare", exp, "--executor", "ray")
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert "1 of 1 cells run failed" in result.output and "TargetUnreachable" in result.output
+    (failure,) = [json.loads(p.read_text()) for p in (out / "failed").glob("*.json")]
+    assert failure["target"] == 0.95 and "TargetUnreachable" in failure["error"]
+    assert failure["key"] == config_key(failure["config"]) and failure["key"] not in records(out)
+    assert list(records(out)) == [good]  # the failure is not a run record
+    lb = pd.read_csv(out / "leaderboard.csv")
+    assert list(lb["target"]) == [0.3]
+    again = run("compare", exp, "--executor", "ray")
+    assert again.exit_code == 2 and "1 cells run, 1 reused" in again.output  # retried, and failed again
+
+
+def test_a_cell_that_finishes_removes_its_earlier_failure(ray_grid, tmp_path):
+    """A failure recorded by an earlier run is dropped once its cell has a record (here: reused from the grid)."""
+    exp, full, _ = ray_grid
+    out = tmp_path / "out"
+    shutil.copytree(full / "records", out / "records")
+    key = next(iter(records(out)))
+    (out / "failed").mkdir()
+    (out / "failed" / f"{key}.json").write_text(json.dumps({"key": key, "error": "RuntimeError: worker died"}))
+    result = run("compare", exp, "--out", out, "--executor", "ray")
+    assert result.exit_code == 0, result.output
+    assert "0 cells run, 4 reused" in result.output and not (out / "failed").exists()
+
+
+def test_without_ray_the_executor_is_one_line_naming_the_extra(base, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    exp = experiment(tmp_path / "e.yaml", base={"file": str(base)}, out=str(tmp_path / "out"), executor="ray")
+    result = run("compare", exp)
+    assert result.exit_code == 2, result.output
+    assert "prune-cli[ray]" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_the_executor_key_changes_no_cell_key(tmp_path):
+    spec = experiment(tmp_path / "e.yaml", base={"file": "x.safetensors"})
+    local, on_ray = (load_experiment(spec, {"executor": e}) for e in ("local", "ray"))
+    assert on_ray.executor == "ray"
+    assert [config_key(c.config("digits", None, "d")) for c in local.cells()] == [
+        config_key(c.config("digits", None, "d")) for c in on_ray.cells()
+    ]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--executor", "dask"], "`executor` must be one of local, ray"),
+        (["--address", "10.0.0.1:6379"], "are for --executor ray"),
+        (["--executor", "ray", "--cpus-per-cell", "0"], "--cpus-per-cell must be >= 1"),
+    ],
+)
+def test_bad_executor_options_are_one_line(base, tmp_path, args, message):
+    exp = experiment(tmp_path / "e.yaml", base={"file": str(base)}, out=str(tmp_path / "out"))
+    result = run("compare", exp, *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output and not (tmp_path / "out").exists()

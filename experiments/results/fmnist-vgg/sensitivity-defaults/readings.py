@@ -27,22 +27,46 @@ import criteria.sensitivity as S
 from prune_cli import pruning
 from prune_cli.api import Target
 
+_SWEEP = S.sweep
 
-def shared_sweep(cache_dir: Path | None, tag: str):
-    """A drop-in for `criteria.sensitivity.sweep` that sweeps every group in scope once and reuses it."""
+
+class PartDone(Exception):
+    """Raised after a `--sweep-part` process has written its share of the sweep."""
+
+
+def shared_sweep(cache_dir: Path | None, tag: str, part: tuple[int, int] | None = None):
+    """A drop-in for `criteria.sensitivity.sweep` that sweeps every group in scope once and reuses it.
+
+    part (i, n): sweep only groups i, i+n, ... of the scope, write them to the cache and raise PartDone; a later
+    run merges the n parts (rows in scope order, as one sweep writes them: each (group, level, trial) is seeded
+    on its own, so the merged sweep is the same).
+    """
     memo: dict[str, tuple] = {}
-    original = S.sweep
 
     def sweep(ctx, o, groups=None):
         fields = {k: v for k, v in asdict(o).items() if k not in ("form", "cost_aware", "layers", "rank", "max_ratio")}
         key = hashlib.sha256(json.dumps([tag, fields, [g.id for g in ctx.groups]], default=str).encode()).hexdigest()
         path = cache_dir / f"sweep-{key[:16]}.json" if cache_dir else None
+        if part is not None:
+            i, n = part
+            t0 = time.perf_counter()
+            base, rows, reused = _SWEEP(ctx, o, list(ctx.groups)[i::n])
+            print(f"<!-- {tag}: sweep part {i}/{n} took {time.perf_counter() - t0:.0f} s -->", flush=True)
+            (cache_dir / f"sweep-{key[:16]}-part{i}of{n}.json").write_text(json.dumps([base, rows, reused]))
+            raise PartDone
         if key not in memo:
+            parts = sorted(cache_dir.glob(f"sweep-{key[:16]}-part*.json")) if cache_dir else []
+            if path is not None and not path.exists() and parts:
+                loaded = [json.loads(q.read_text()) for q in parts]
+                order = {g.id: k for k, g in enumerate(ctx.groups)}
+                rows = sorted((r for _, rs, _ in loaded for r in rs), key=lambda r: order[r["group"]])
+                if {r["group"] for r in rows} == set(order) and all(b == loaded[0][0] for b, _, _ in loaded):
+                    path.write_text(json.dumps([loaded[0][0], rows, loaded[0][2]]))
             if path is not None and path.exists():
                 base, rows, reused = json.loads(path.read_text())
             else:
                 t0 = time.perf_counter()
-                base, rows, reused = original(ctx, o, list(ctx.groups))
+                base, rows, reused = _SWEEP(ctx, o, list(ctx.groups))
                 print(f"<!-- {tag}: sweep of {len(ctx.groups)} groups took {time.perf_counter() - t0:.0f} s -->")
                 if path is not None:
                     path.write_text(json.dumps([base, rows, reused]))
@@ -66,6 +90,7 @@ def main() -> None:
     p.add_argument("--cache", type=Path, default=None)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-l1", action="store_true", help="skip the l1 rows")
+    p.add_argument("--sweep-part", default=None, help="i/n: only sweep groups i, i+n, ... into --cache, then exit")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.cache:
@@ -74,8 +99,17 @@ def main() -> None:
     cells = [tuple(c.split(":")) for c in args.cells.split(",")]
     print("| model | target | criterion | form | cost_aware | layers | MACs removed | top-1 (%) | ratios per group |")
     print("|---|---|---|---|---|---|---|---|---|")
+    part = tuple(int(v) for v in args.sweep_part.split("/")) if args.sweep_part else None
+    if part is not None and args.cache is None:
+        p.error("--sweep-part needs --cache")
     for model_file in args.models:
-        S.sweep = shared_sweep(args.cache, str(model_file.resolve()))
+        S.sweep = shared_sweep(args.cache, str(model_file.resolve()), part)
+        if part is not None:
+            try:
+                pruning.run(model_file, pruning.PruneJob(criterion="sensitivity", calib_images=1024, seed=0),
+                            time_latency=False)  # fmt: skip
+            except PartDone:
+                continue
         runs = [("l1", {}, t) for t in targets] if not args.no_l1 else []
         for t in targets:
             for form, layers in cells:

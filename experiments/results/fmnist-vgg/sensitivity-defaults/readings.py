@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import criteria.sensitivity as S
-from prune_cli import pruning
+from prune_cli import engine, pipeline, pruning, surgery
 from prune_cli.api import Target
 
 _SWEEP = S.sweep
@@ -104,10 +104,14 @@ def main() -> None:
         p.error("--sweep-part needs --cache")
     for model_file in args.models:
         S.sweep = shared_sweep(args.cache, str(model_file.resolve()), part)
-        if part is not None:
+        if part is not None:  # the context `pruning.run` builds, without measuring the base first
+            job = pruning.PruneJob(criterion="sensitivity", calib_images=1024, seed=0)
+            device = engine.default_device()
+            base, _, splits = pipeline.load_model_and_data(model_file, None, None, seed=job.seed, device=device)
+            criterion = pruning.build_criterion(job.criterion, job.options)
+            groups = surgery.channel_groups(base, pipeline.example_input(splits).to(device))
             try:
-                pruning.run(model_file, pruning.PruneJob(criterion="sensitivity", calib_images=1024, seed=0),
-                            time_latency=False)  # fmt: skip
+                criterion.run(pruning.make_context(base, groups, splits, criterion, job, device))
             except PartDone:
                 continue
         runs = [("l1", {}, t) for t in targets] if not args.no_l1 else []

@@ -48,9 +48,9 @@ def l1_scores(model: torch.nn.Module, x: torch.Tensor, groups, num_classes: int)
     return build_criterion("l1", {}).run(ctx)
 
 
-def setup(model, x, pool, batch, cache: Path, seconds: float, runtime: str = "torch"):
+def setup(model, x, pool, batch, cache: Path, seconds: float, scope: str = "internal", runtime: str = "torch"):
     """(groups in scope, planner, measure) as `latency.selector` builds them."""
-    groups = selection.groups_in_scope(surgery.channel_groups(model, x), "internal")
+    groups = selection.groups_in_scope(surgery.channel_groups(model, x), scope)
     table = latency.LatencyTable(model, x, batch, cache=cache)
     planner = latency.LatencyPlanner(CostModel(model, x), table, groups)
     measure = latency.plan_timer(model, x, groups, pool, batch, seconds=seconds, runtime=runtime)
@@ -66,7 +66,7 @@ def reach(args, cache: Path) -> list[dict]:
         for batch in args.batches:
             pool = torch.randn(max(256, 2 * batch), 3, 32, 32)
             LayerTimer._cache.clear()  # the first run builds the table from nothing
-            groups, planner, measure = setup(model, x, pool, batch, cache, args.seconds)
+            groups, planner, measure = setup(model, x, pool, batch, cache, args.seconds, args.scope)
             scores = l1_scores(model, x, groups, 10)
             most, _ = latency.reachable(planner, measure, 0.0, batch, TOLERANCE)  # the narrowest plan, measured
             for target in args.targets:
@@ -122,7 +122,7 @@ def table_reuse(args, cache: Path) -> list[dict]:
             runs = []
             for folder in (cache / f"fresh-{name}-{batch}", cache / f"fresh-{name}-{batch}"):
                 LayerTimer._cache.clear()
-                groups = selection.groups_in_scope(surgery.channel_groups(model, x), "internal")
+                groups = selection.groups_in_scope(surgery.channel_groups(model, x), args.scope)
                 t0 = time.perf_counter()
                 table = latency.LatencyTable(model, x, batch, cache=folder)
                 planner = latency.LatencyPlanner(CostModel(model, x), table, groups)
@@ -146,7 +146,7 @@ def equal_latency(args, cache: Path, path: Path) -> list[dict]:
     rows = []
     for batch in args.batches:
         pool = D.to_float(splits.test.x[: max(256, 2 * batch)], splits)
-        groups, planner, measure = setup(base, x, pool, batch, cache, args.seconds)
+        groups, planner, measure = setup(base, x, pool, batch, cache, args.seconds, args.scope)
         cost = CostModel(base, x)
         scores = l1_scores(base, x, groups, splits.num_classes)
         for target in args.targets:
@@ -208,6 +208,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--targets", type=float, nargs="+", default=[0.3, 0.5])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--scope", default="internal", choices=["internal", "all"], help="as prune's --scope")
     parser.add_argument("--seconds", type=float, default=2.0, help="timing per measurement of the loop")
     parser.add_argument("--confirm-seconds", type=float, default=6.0, help="timing of each final check")
     parser.add_argument("--base", type=Path, nargs="*", default=[FMNIST_BASE], help="model files for part 2")

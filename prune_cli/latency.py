@@ -7,10 +7,11 @@ How (the method notes say why):
 2. Each timed layer's time is charged to one channel group: the group of its output channels if that group is
    pruned, else the group of its input channels (a ResNet block's second conv, whose outputs feed the residual sum);
    the other group's width is held at its full width (exact for ResNets pruned inside their blocks; an upper bound
-   on a chain's layers). A group's cost at width w is then the summed time of its
-   layers, and the plan that keeps the most score under a time budget is a multiple-choice knapsack (`knapsack`), as
-   in HALP (Shen et al., NeurIPS 2022, arXiv 2110.10811), solved exactly by dynamic programming over the budget cut
-   into small steps. Per-group ratios (an `Allocation`) are scaled by one factor to the budget instead.
+   on a chain's layers). A group's cost at width w is then the summed time of its layers, its value the share of its
+   score mass that the top w channels hold, weighted by its full-width time (`values_of`), and the plan with the most
+   value under a time budget is a multiple-choice knapsack (`knapsack`), as in HALP (Shen et al., NeurIPS 2022,
+   arXiv 2110.10811), solved exactly by dynamic programming over the budget cut into small steps. Per-group ratios
+   (an `Allocation`) are scaled by one factor to the budget instead.
 3. The table predicts the convolutions only; the rest of a forward pass (BatchNorm, activations, the framework's
    per-layer overhead) is measured, not modelled: the plan is built, timed against the base in alternating turns,
    and the budget corrected (regula falsi) until the measured reduction is within `tolerance` of the requested one,
@@ -62,7 +63,8 @@ def check_latency_target(reduction: float, batch: int, tolerance: float = 0.02) 
 
 class LatencyTable:
     """Forward time (ms) of each conv layer of one architecture at any (in, out) widths, on this device, thread count
-    and batch size; read from and written to a JSON file under `cache_dir()` (None: no file).
+    and batch size; read from and written to CACHE/latency/KEY.json, `cache` being `cache_dir()` in a run and a
+    test's own folder in tests (None: no file).
 
     `timed` / `reused`: the distinct shapes this table timed / found in the file; `timing_s`: seconds spent timing.
     """

@@ -30,7 +30,7 @@ def export(
     """Export MODEL_FILE to ONNX (opset 17, dynamic batch axis: input (batch, C, H, W) -> logits (batch, classes)),
     then run it with ONNX Runtime on test images of the file's dataset and count the predictions equal to torch's.
 
-    Needs the optional extra: pip install 'prune-cli[onnx]'. Example: prune-cli export p.safetensors --out p.onnx
+    Needs the optional extra: pip install 'prune-cli\\[onnx]'. Example: prune-cli export p.safetensors --out p.onnx
     """
     from prune_cli import data as D
     from prune_cli import export as E

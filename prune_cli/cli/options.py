@@ -74,7 +74,7 @@ LatencyBatch = Annotated[
 Runtime = Annotated[
     str,
     typer.Option(
-        help="What latency is timed with: torch or onnxruntime (needs the extra: pip install 'prune-cli[onnx]').",
+        help="What latency is timed with: torch or onnxruntime (needs the extra: pip install 'prune-cli\\[onnx]').",
         rich_help_panel=OUTPUT,
     ),
 ]

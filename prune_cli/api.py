@@ -225,12 +225,19 @@ class TrainHooks:
         """An extra loss term added to the mean cross entropy, or None."""
         return None
 
+    def on_train_start(self, model: nn.Module, steps_per_epoch: int, epochs: int) -> None:
+        """Called once before the first step, with the number of steps per epoch and of epochs."""
+
     def on_epoch_end(self, model: nn.Module, epoch: int, epochs: int, stats: Mapping[str, float]) -> None:
         """Called after each epoch with that epoch's training stats (loss, acc)."""
 
     def no_weight_decay(self, name: str) -> bool:
         """True for parameters that must not be decayed (e.g. gates)."""
         return False
+
+    def lr_scale(self, name: str) -> float:
+        """Learning-rate multiplier of a parameter (e.g. gates learnt from scratch while the rest fine-tunes)."""
+        return 1.0
 
 
 @dataclass(frozen=True)

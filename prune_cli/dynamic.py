@@ -5,6 +5,10 @@ A dynamic module subclasses `DynamicModule` and, on every forward over a batch o
     last_macs      (N,) float64  MACs it executed for each sample, its own overhead included
     last_overhead  (N,) float64  the part of `last_macs` that is the method's overhead (hashing, merging, gates)
 
+`input_dependence(model, x)` reads, for modules that keep a subset of their channels per input (`last_keep`), how
+much that subset depends on the input: per module the share of channels kept by some inputs and dropped by others,
+and the mean Jaccard distance between two inputs' kept sets.
+
 `per_input_macs(model, x)` runs one forward and adds, per sample, the dynamic modules' records to the static MACs
 of every other Conv/Linear layer (the ones not inside a dynamic module). Static MACs follow `metrics.count_macs`:
 conv and linear multiply-accumulates only (flop_counter FLOPs / 2, no bias, no BatchNorm). A method counts an
@@ -58,6 +62,11 @@ class DynamicModule(nn.Module):
 
     def clear_record(self) -> None:
         self._record = None
+
+    def last_keep(self) -> Tensor | None:
+        """(N, C) bool: which of its output channels the last forward kept for each sample, for modules that choose
+        channels per input (ManiDP's gates); None for the others (HASTE merges rather than drops channels)."""
+        return None
 
     def _resolved(self) -> tuple[Tensor, Tensor] | None:
         if callable(self._record):
@@ -174,3 +183,61 @@ def forward_with_macs(model: nn.Module, x: Tensor, batch_size: int = 256) -> tup
             h.remove()
         model.train(was_training)
     return torch.cat(outputs), torch.cat(totals), torch.cat(overheads)
+
+
+def keep_stats(keep: Tensor) -> dict[str, float]:
+    """Input dependence of one layer's keep decisions `keep` (N, C) bool, N >= 2 inputs:
+    `varying`: share of channels kept by some inputs and dropped by others; `jaccard`: mean over the N(N-1)/2
+    pairs of inputs of the Jaccard distance 1 - |A & B| / |A | B| between their kept sets (0 when both are empty);
+    `kept`: mean share of channels kept; `always` / `never`: shares of channels every input keeps / none keeps."""
+    m = keep.to(torch.float64)
+    n, c = m.shape
+    freq = m.mean(0)
+    inter = m @ m.t()
+    sizes = m.sum(1)
+    union = sizes[:, None] + sizes[None, :] - inter
+    distance = torch.where(union > 0, 1 - inter / union.clamp_min(1), torch.zeros_like(union))
+    pairs = n * (n - 1) / 2
+    return {
+        "varying": float(((freq > 0) & (freq < 1)).sum()) / c,
+        "jaccard": float(distance.triu(1).sum()) / pairs if pairs else 0.0,
+        "kept": float(freq.mean()),
+        "always": float((freq == 1).sum()) / c,
+        "never": float((freq == 0).sum()) / c,
+    }
+
+
+@torch.no_grad()
+def keep_masks(model: nn.Module, x: Tensor, batch_size: int = 256) -> dict[str, Tensor]:
+    """{module name: (N, C) bool} the channels each dynamic module that chooses channels (`last_keep`) kept for each
+    input of `x`, from eval-mode forwards in chunks of `batch_size` (at least 2: batch 1 may take another path)."""
+    was_training = model.training
+    model.eval()
+    chosen = [(n, m) for n, m in dynamic_modules(model)]
+    out: dict[str, list[Tensor]] = {}
+    try:
+        for i in range(0, len(x), max(2, batch_size)):
+            model(x[i : i + max(2, batch_size)])
+            for name, m in chosen:
+                keep = m.last_keep()
+                if keep is not None:
+                    out.setdefault(name, []).append(keep.detach().cpu().bool())
+    finally:
+        model.train(was_training)
+    return {name: torch.cat(parts) for name, parts in out.items()}
+
+
+def input_dependence(model: nn.Module, x: Tensor, batch_size: int = 256) -> dict[str, dict[str, float]]:
+    """Per dynamic module that chooses channels: `keep_stats` of its keep decisions over the inputs `x` (N >= 2);
+    empty for static models and for methods that do not drop channels."""
+    if len(x) < 2:
+        raise ValueError("input dependence needs at least two inputs")
+    return {name: keep_stats(keep) for name, keep in keep_masks(model, x, batch_size).items()}
+
+
+def summarise_dependence(layers: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Means over layers of `input_dependence`'s figures (empty dict for none)."""
+    if not layers:
+        return {}
+    keys = next(iter(layers.values())).keys()
+    return {k: sum(v[k] for v in layers.values()) / len(layers) for k in keys}

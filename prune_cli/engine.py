@@ -99,18 +99,28 @@ def _autocast(device: torch.device):
 
 def _param_groups(model: nn.Module, weight_decay: float, hooks: TrainHooks | None) -> list[dict]:
     decay, no_decay = [], []
+    scaled: dict[tuple[bool, float], list] = {}  # (decayed, lr scale != 1) -> parameters (hooks.lr_scale)
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if hooks is not None and hooks.no_weight_decay(name) else decay).append(p)
+        free = hooks is not None and hooks.no_weight_decay(name)
+        scale = hooks.lr_scale(name) if hooks is not None and hasattr(hooks, "lr_scale") else 1.0
+        if scale != 1.0:
+            scaled.setdefault((not free, scale), []).append(p)
+            continue
+        (no_decay if free else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
+    for (decayed, scale), params in scaled.items():  # LambdaLR scales each group's own initial lr
+        groups.append({"params": params, "weight_decay": weight_decay if decayed else 0.0, "lr_scale": scale})
     return groups
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, hooks: TrainHooks | None = None) -> torch.optim.Optimizer:
     groups = _param_groups(model, cfg.weight_decay, hooks)
+    for g in groups:
+        g["lr"] = cfg.lr * g.pop("lr_scale", 1.0)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
     if cfg.optimizer == "adamw":
@@ -163,6 +173,8 @@ def train(
     optimizer = make_optimizer(model, cfg, hooks)
     steps = max(1, len(splits.train) // cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(steps, cfg))
+    if hooks is not None and hasattr(hooks, "on_train_start"):
+        hooks.on_train_start(model, steps, cfg.epochs)
     result = TrainResult()
     start_epoch = 0
     if resume and checkpoint is not None and checkpoint.exists():

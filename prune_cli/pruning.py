@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from prune_cli import data as D
-from prune_cli import engine, latency, pipeline, selection, surgery
+from prune_cli import dynamic, engine, latency, pipeline, selection, surgery
 from prune_cli.api import (
     Allocation,
     CalibData,
@@ -250,19 +250,34 @@ def run(
         log(f"fine-tuning {job.finetune_epochs} epochs at lr {job.lr}")
         history = engine.train(pruned, splits, cfg, hooks=hooks, device=device, reporter=reporter, log=log).history
     finetune_s = time.perf_counter() - t2
+    static, static_model = None, None
+    if isinstance(result, Dynamic) and callable(result.extra.get("finalize")):  # e.g. ManiDP's static_below
+        top1_gated = engine.evaluate(pruned, splits.test, splits, device=device).top1
+        pruned, static = result.extra["finalize"](pruned)
+        static_model = static.pop("model", None)
+        static["top1_before_removal"] = top1_gated
 
-    after = _measure(pruned, splits, device, top1=None if job.finetune_epochs else top1_before_ft)
+    after = _measure(pruned, splits, device, top1=None if job.finetune_epochs or static else top1_before_ft)
     after["top1_before_finetune"] = top1_before_ft
     after["bn_recalibrated_images"] = min(BN_IMAGES, len(splits.train)) if recalibrated else 0
+    if static is not None:
+        after["static"] = static
     if time_latency:  # both now, taking turns: timed minutes apart, the CPU's drifting speed would enter the ratio
-        lat_before, lat_after = pipeline.time_side_by_side(
-            [base, pruned], splits, latency_batches=job.latency_batches, device=device,
-            latency_seconds=job.latency_seconds, runtime=job.runtime,
+        lat_before, lat_after, *lat_static = pipeline.time_side_by_side(
+            [base, pruned, *([static_model] if static_model is not None else [])], splits,
+            latency_batches=job.latency_batches, device=device, latency_seconds=job.latency_seconds,
+            runtime=job.runtime,
         )  # fmt: skip
         before.update(lat_before)
         after.update(lat_after)
+        if lat_static:  # the physically smaller model without its gates: what the static part alone runs at
+            after["static"].update({k: v for k, v in lat_static[0].items() if k.startswith("latency")})
     if isinstance(result, Dynamic):
         target_report["achieved"] = 1 - after["macs"] / before["macs"]
+        test_x = D.to_float(splits.test.x[:1024], splits, device=device)
+        if layers := dynamic.input_dependence(pruned, test_x):  # per gated layer: how much the kept set varies
+            after["input_dependence"] = {"test_inputs": len(test_x), **dynamic.summarise_dependence(layers),
+                                         "layers": layers}  # fmt: skip
     return Outcome(
         job=job, dataset=dataset, base_file=str(model_file), model=pruned, result_kind=type(result).__name__,
         criterion_options=asdict(criterion.options), before=before, after=after, target_report=target_report,

@@ -143,6 +143,21 @@ def show(summary: dict, batches: tuple[int, ...]) -> None:
         f"fine-tune {summary['timings']['finetune_s']:.1f} s",
         markup=False,
     )
+    if d := after.get("input_dependence"):  # dynamic models that choose channels per input (ManiDP)
+        ui.out.print(
+            f"input dependence over {d['test_inputs']} test images, mean of {len(d['layers'])} gated layers: "
+            f"{100 * d['varying']:.1f}% of channels kept by some inputs and dropped by others; Jaccard distance "
+            f"between two inputs' kept sets {d['jaccard']:.3f}",
+            markup=False,
+        )
+    if s := after.get("static"):
+        lat = "".join(f", latency b{b} {s[f'latency_b{b}_ms']:.3f} ms" for b in batches if f"latency_b{b}_ms" in s)
+        ui.out.print(
+            f"static_below={s['below']}: {s['removed_channels']} of {s['gated_channels']} gated channels removed "
+            f"physically; the smaller model without gates: MACs {ui.human(s['macs'])}, params "
+            f"{ui.human(s['params'])}{lat}; top-1 before removal {s['top1_before_removal']:.4f}",
+            markup=False,
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -300,6 +300,7 @@ def test_short_training_with_the_hooks(digits_calib):
     opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": free, "weight_decay": 0.0}], lr=0.02,
                           momentum=0.9, nesterov=True)  # fmt: skip
     epochs, before = 3, copy.deepcopy([p.detach().clone() for p in free])
+    hooks.on_train_start(model, 4, epochs)  # schedule=ramp (default) counts the steps
     for epoch in range(epochs):
         model.train()
         for i in range(0, 64, 16):

@@ -37,7 +37,7 @@ import torch
 from torch.fx.experimental.optimization import fuse
 
 import models
-from criteria import haste, manidp
+from criteria import haste, manidp, manidp_train
 from prune_cli import data as D
 from prune_cli import pipeline
 from prune_cli.api import Context, Target
@@ -87,7 +87,7 @@ def manidp_model(base: torch.nn.Module, x: torch.Tensor, remain: float) -> torch
             s = [c.last_saliency.sum(0) for c in manidp.gated_layers(model)]
             sums = s if sums is None else [a + b for a, b in zip(sums, s, strict=True)]
         for conv, total in zip(manidp.gated_layers(model), sums, strict=True):
-            conv.gate.threshold.fill_(manidp.threshold_for(total / len(x), remain))
+            conv.gate.threshold.fill_(manidp_train.threshold_for(total / len(x), remain))
     return model
 
 

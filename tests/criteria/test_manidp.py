@@ -10,17 +10,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import models
-from criteria.manidp import (
-    THRESHOLD_INIT,
-    GatedConv2d,
-    ManiDPHooks,
-    gated_layers,
-    instance_weights,
-    manifold_loss,
-    remain_rate,
-    sparsity_loss,
-    wrap,
-)
+from criteria.manidp import THRESHOLD_INIT, GatedConv2d, gated_layers, wrap
+from criteria.manidp_train import ManiDPHooks, instance_weights, manifold_loss, remain_rate, sparsity_loss
 from prune_cli.api import CalibData, Context, Dynamic, Target, check_result, get_criterion
 from prune_cli.dynamic import per_input_macs
 from prune_cli.errors import BadValue

@@ -32,11 +32,11 @@ outputs and refits each consumer. This is how VGG's last conv group (read by the
 pool) and the hidden Linear group are treated. A group with any other consumer (depthwise, grouped, part of a
 concatenation) falls back to keeping the largest-L1 producer filters without refit (logged).
 ResNets: scope `internal` (default) prunes only the channels inside a block (the code's branch2a/2b). With
-`refit=residual` (the paper's multi-branch case, section 3.3), a consumer whose BatchNorm'd output is added to a
-shortcut (a block's last conv) is fitted to Y + (S_orig - S_cur) / a: S the shortcut's value in the original and
-the current model, a the BatchNorm's scale, so that the refit block's sum matches the original sum and the errors
-of earlier blocks, which the shortcut carries, are absorbed instead of accumulating. Which modules meet a shortcut
-is found from one recorded forward pass (the other operand of the addition that reads their output), so
+`refit=residual` (default; the paper's multi-branch case, section 3.3), a consumer whose BatchNorm'd output is
+added to a shortcut (a block's last conv) is fitted to Y + (S_orig - S_cur) / a: S the shortcut's value in the
+original and the current model, a the BatchNorm's scale, so that the refit block's sum matches the original sum and
+the errors of earlier blocks, which the shortcut carries, are absorbed instead of accumulating. Which modules meet
+a shortcut is found from one recorded forward pass (the other operand of the addition that reads their output), so
 projection and identity shortcuts take one code path. The code's channel sampler is not built.
 
 Memory: X is float32 (S x c x kh*kw), the refit float64; with 1024 calibration images and a 512-channel 3x3
@@ -72,8 +72,9 @@ class LassoOptions:
     rank_tol: float = 0.1  # stop bisecting once c' <= nnz <= c' (1 + rank_tol)
     # least-squares reconstruction of the consumers: `layer` to each consumer's original output; `residual` the same,
     # but a consumer whose (BatchNorm'd) output is added to a shortcut is fitted to the original sum, absorbing the
-    # shortcut's drift; `none`: selection only, to ablate. true / false read as layer / none.
-    refit: Literal["layer", "residual", "none"] | bool = "layer"
+    # shortcut's drift (the paper's branch2c; best of the three on every seed measured, docs/methods.md, lasso);
+    # `none`: selection only, to ablate. true / false read as layer / none.
+    refit: Literal["layer", "residual", "none"] | bool = "residual"
     max_ratio: float = 0.9
     batch_size: int = 128
 

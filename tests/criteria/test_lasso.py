@@ -150,7 +150,8 @@ def test_refit_beats_the_same_channels_without_refit_on_a_trained_model(trained_
     model, x, y = trained_resnet
     calib = CalibData(x[:256], y[:256])
     ctx = context(model, calib)
-    result, criterion = run(ctx)  # defaults: all 256 images x 10 positions, 400 LASSO rows
+    # the layer-wise refit (its target is this layer's original output); all 256 images x 10 positions, 400 rows
+    result, criterion = run(ctx, refit="layer")
     errors = held_out_errors(model, result.keep, result.overrides, x[:1], x[768:1024])
     assert len(errors) == 9  # every block's conv2
     for name, (refit, plain) in errors.items():
@@ -163,7 +164,7 @@ def test_refit_beats_no_refit_on_a_random_model(tiny_resnet, digits_calib):
     """Fast variant (random weights, randomised BN statistics), more samples than unknowns in every refit."""
     x, y = small_images(digits_calib)
     calib = CalibData(x[:128], y[:128])
-    result, _ = run(context(tiny_resnet, calib), images=128, lasso_rows=100)
+    result, _ = run(context(tiny_resnet, calib), images=128, lasso_rows=100, refit="layer")
     errors = held_out_errors(tiny_resnet, result.keep, result.overrides, x[:1], x[128:192])
     assert len(errors) == 9
     for name, (refit, plain) in errors.items():
@@ -172,7 +173,7 @@ def test_refit_beats_no_refit_on_a_random_model(tiny_resnet, digits_calib):
 
 # ------------------------------------------------ refit=residual: the block's last conv absorbs the shortcut's drift
 def test_refit_option_values():
-    assert LassoOptions().refit == "layer"
+    assert LassoOptions().refit == "residual"
     assert LassoOptions(refit=True).refit == "layer" and LassoOptions(refit=False).refit == "none"
     assert LassoOptions(refit="residual").refit == "residual"
     with pytest.raises(BadValue):

@@ -31,6 +31,9 @@ def report(
             ui.warn(f"skipping the run record {path}: {why}")
         else:
             records.append(record)
+    if failed := sorted((folder / "failed").glob("*.json")):  # compare --executor ray's failed cells: not records
+        ui.warn(f"{len(failed)} cells failed and are not in the leaderboard (errors in {folder / 'failed'}); "
+                "compare runs them again")  # fmt: skip
     if not records:
         raise BadValue(f"no trusted run records in {store.dir}")
     names = {r.get("experiment") for r in records}

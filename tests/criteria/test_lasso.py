@@ -233,3 +233,29 @@ def test_residual_refit_keeps_the_block_outputs_closer_to_the_original(trained_r
     deep = [f"layer3.{j}" for j in range(3)]
     assert all(residual[0][k] < layer[0][k] for k in deep), (layer[0], residual[0])
     assert residual[1] < layer[1], (layer[1], residual[1])
+
+
+def test_residual_target_is_the_shortcut_drift_over_the_batchnorm_scale(tiny_resnet, digits_calib):
+    """A current model whose projection shortcut is shifted by delta per channel: layer2.0.conv2's target moves by
+    exactly -delta / a at every sample (a = its BatchNorm's scale), so that the refit block's sum equals the
+    original sum; the layer-wise target does not move."""
+    import copy
+
+    from criteria.lasso import _bn_scale, _sample
+
+    x, y = small_images(digits_calib)
+    ctx = context(tiny_resnet, CalibData(x[:64], y[:64]))
+    current = copy.deepcopy(tiny_resnet)
+    delta = torch.randn(32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        current.layer2[0].shortcut[1].bias += delta  # the shortcut's output shifts by exactly delta
+    consumers = list(ctx.group("layer2.0.conv1").consumers)
+    rows = {c.module: None for c in consumers}
+    o = LassoOptions(points=4)
+    plain = _sample(tiny_resnet, current, consumers, rows, x[:64], o, ctx, salt=0)
+    drifted = _sample(tiny_resnet, current, consumers, rows, x[:64], o, ctx, salt=0,
+                      residual={"layer2.0.conv2": "layer2.0.bn2"})  # fmt: skip
+    a = _bn_scale(current, "layer2.0.bn2")
+    moved = (drifted["layer2.0.conv2"].y - plain["layer2.0.conv2"].y) * a
+    assert torch.equal(drifted["layer2.0.conv2"].x, plain["layer2.0.conv2"].x)  # the same samples
+    assert torch.allclose(moved, -delta.expand_as(moved), atol=1e-4)

@@ -158,6 +158,9 @@ def test_a_failing_cell_is_recorded_and_the_others_finish(ray_grid, base, tmp_pa
     assert list(lb["target"]) == [0.3]
     again = run("compare", exp, "--executor", "ray")
     assert again.exit_code == 2 and "1 cells run, 1 reused" in again.output  # retried, and failed again
+    rebuilt = run("report", out)
+    assert rebuilt.exit_code == 0 and "1 cells failed and are not in the leaderboard" in rebuilt.output
+    assert list(pd.read_csv(out / "leaderboard.csv")["target"]) == [0.3]
 
 
 def test_a_cell_that_finishes_removes_its_earlier_failure(ray_grid, tmp_path):

@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -54,6 +55,26 @@ class RaySettings:
         if self.num_cpus is not None and self.num_cpus < 1:
             raise BadValue(f"--jobs must be >= 1, got {self.num_cpus}")
 
+    def check_address(self) -> None:
+        """Refuse, in seconds and before the base model is trained, an address where no cluster listens: Ray itself
+        retries such an address for minutes, printing warnings. A Ray Client address (ray://) or `auto` is left
+        to Ray."""
+        address = self.address
+        if not address or "://" in address or address == "auto":
+            return
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise BadValue(
+                f"--address {address}: expected HOST:PORT, e.g. 10.0.0.1:6379 (`ray start --head` prints it)"
+            )
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except OSError as exc:
+            raise BadValue(
+                f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); start one with "
+                "`ray start --head`, or leave --address out to run on a local Ray instance"
+            ) from None
+
 
 def import_ray() -> Any:
     """Ray, or a one-line error naming the extra (checked before the base model is trained)."""
@@ -78,6 +99,7 @@ def run_on_ray(
     started_here = _connect(ray, settings, log)
     refs: dict[Any, tuple[Any, str]] = {}
     try:
+        _check_fits(ray, settings)
         base_ref = ray.put(Path(args["base_file"]).read_bytes())  # once: every task reads this one copy
         device = "cuda" if settings.gpus_per_cell > 0 else "cpu"  # a worker's own GPU, whatever the driver has
         task = ray.remote(_run_cell_task).options(
@@ -135,6 +157,19 @@ def _connect(ray: Any, settings: RaySettings, log: Callable[[str], None]) -> boo
     except ConnectionError as exc:
         raise BadValue(f"--address {settings.address}: cannot reach a Ray cluster there ({exc})") from None
     return True
+
+
+def _check_fits(ray: Any, settings: RaySettings) -> None:
+    """Refuse cells that no node can hold: Ray would keep them waiting for such a node for ever, silently."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if any(r.get("CPU", 0) >= settings.cpus_per_cell and r.get("GPU", 0) >= settings.gpus_per_cell for r in nodes):
+        return
+    largest = max(nodes, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), default={})
+    raise BadValue(
+        f"a cell asks for {settings.cpus_per_cell} CPUs and {settings.gpus_per_cell:g} GPUs (--cpus-per-cell, "
+        f"--gpus-per-cell), but no node of the Ray cluster has them (the largest: {largest.get('CPU', 0):g} CPUs, "
+        f"{largest.get('GPU', 0):g} GPUs)"
+    )
 
 
 def _cpus(ray: Any) -> int:

@@ -200,6 +200,8 @@ def test_the_executor_key_changes_no_cell_key(tmp_path):
         (["--executor", "dask"], "`executor` must be one of local, ray"),
         (["--address", "10.0.0.1:6379"], "are for --executor ray"),
         (["--executor", "ray", "--cpus-per-cell", "0"], "--cpus-per-cell must be >= 1"),
+        (["--executor", "ray", "--address", "127.0.0.1:1"], "no Ray cluster answers there"),
+        (["--executor", "ray", "--address", "head-node"], "expected HOST:PORT"),
     ],
 )
 def test_bad_executor_options_are_one_line(base, tmp_path, args, message):
@@ -207,3 +209,12 @@ def test_bad_executor_options_are_one_line(base, tmp_path, args, message):
     result = run("compare", exp, *args)
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_a_cell_no_node_can_hold_is_refused_not_left_waiting(cluster, base, tmp_path):
+    """Ray would keep a task that asks for more than any node has waiting for ever, without a word."""
+    exp = experiment(tmp_path / "e.yaml", base={"file": str(base)}, out=str(tmp_path / "out"))
+    result = run("compare", exp, "--executor", "ray", "--cpus-per-cell", "3")
+    assert result.exit_code == 2, result.output
+    assert "no node of the Ray cluster has them (the largest: 2 CPUs, 0 GPUs)" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()

@@ -18,15 +18,18 @@ Decisions (METHODS.md section 2; every one is an option):
 - Layers: `conv` (default) sweeps and prunes only groups whose producers are convolutions, as SBPF measures the
   sensitivity of convolutional layers; every other group (a VGG's hidden Linear) gets ratio 0 and is not pruned.
   `all` sweeps and allocates every group in scope. Why the default: the hidden Linear of VGG-11 barely moves the
-  arg-max when damaged, so `inverse` sent it to the cap, and L1 ranking then kept the wrong units (31-41% top-1 on
-  Fashion-MNIST at -30% MACs, no fine-tuning; experiments/results/fmnist-vgg/sensitivity-defaults/).
-- Ratios: `inverse` r_g = clip(alpha * (1/S_g) / mean(1/S), 0, max_ratio); `linear`
-  r_g = clip(alpha * (1 - S_g / max S), 0, max_ratio). Sensitivities below `min_sensitivity` (damage that does
-  not hurt on the calibration split, or even helps by chance) count as `min_sensitivity`, which keeps 1/S finite.
-  `cost_aware` weighs each group's relative ratio by c_g, the share of the MACs (params) that removing the whole
-  group would save, so that a cheap group cannot absorb the cut that the expensive ones would have to pay for.
-  With `inverse`, r_g ~ c_g / S_g minimises sum_g S_g r_g^2 under the linearised budget sum_g c_g r_g = target;
-  plain `inverse` is the same minimiser for a budget that counts every group's ratio alike.
+  arg-max when damaged, so `inverse` sent it to the cap, and L1 ranking then kept the wrong units.
+- Ratios: `linear` (default) r_g = clip(alpha * (1 - S_g / max S), 0, max_ratio), so the most sensitive group
+  is not cut; `inverse` r_g = clip(alpha * (1/S_g) / mean(1/S), 0, max_ratio). Sensitivities below
+  `min_sensitivity` (damage that does not hurt on the calibration split, or even helps by chance) count as
+  `min_sensitivity`, which keeps 1/S finite. `cost_aware` (default on) weighs each group's relative ratio by c_g,
+  the share of the MACs (params) that removing the whole group would save, so that a cheap group cannot absorb the
+  cut that the expensive ones would have to pay for. With `inverse`, r_g ~ c_g / S_g minimises
+  sum_g S_g r_g^2 under the linearised budget sum_g c_g r_g = target; plain `inverse` is the same minimiser for a
+  budget that counts every group's ratio alike. Why the defaults: on Fashion-MNIST ResNet-20 and VGG-11 at -30%
+  and -50% MACs without fine-tuning, linear + cost-aware read best on average, and `inverse` fell 17-21 pt behind
+  on ResNet-20 at -50% by sending the least sensitive groups near the cap
+  (experiments/results/fmnist-vgg/sensitivity-defaults/README.md).
   alpha is bisected on the exact cost model until the MACs (params) target is met; the returned ratios are the
   ones at that alpha (the shared selection rescales them again only if its round-to / max-ratio differ).
 
@@ -78,8 +81,8 @@ class Sensitivity(Criterion):
         trials: int = 3
         damage: Literal["random", "l1", "noise"] = "random"
         measure: Literal["accuracy", "loss"] = "accuracy"
-        form: Literal["inverse", "linear"] = "inverse"
-        cost_aware: bool = False  # weigh each group's ratio by its share of the MACs (params)
+        form: Literal["inverse", "linear"] = "linear"
+        cost_aware: bool = True  # weigh each group's ratio by its share of the MACs (params)
         layers: Literal["conv", "all"] = "conv"
         rank: str = "l1"
         max_ratio: float = 0.9

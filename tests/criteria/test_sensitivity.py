@@ -116,11 +116,11 @@ def test_a_more_sensitive_group_gets_a_smaller_ratio(example_input, loud, muted)
         model.mix.weight[:, cols[muted]] *= 1e-6
     ctx = context(model, example_input)
     for measure in ("accuracy", "loss"):
-        result = run(ctx, measure=measure, levels=(0.4, 0.8), trials=2)
+        result = run(ctx, measure=measure, levels=(0.4, 0.8), trials=2, form="inverse", cost_aware=False)
         sens, ratios = result.extra["sensitivity"], result.ratios
         assert sens[loud] > 0.01 and sens[muted] < 1e-4, sens
         assert ratios[muted] == max(ratios.values()) and ratios[loud] < ratios[muted]
-    linear = run(ctx, form="linear", measure="loss")
+    linear = run(ctx, form="linear", cost_aware=False, measure="loss")
     most = max(linear.extra["sensitivity"], key=linear.extra["sensitivity"].get)
     assert linear.ratios[most] == 0.0 and linear.ratios[muted] == max(linear.ratios.values())
 
@@ -147,9 +147,15 @@ def test_split_live_reproduces_the_model_at_every_cut(tiny_resnet, example_input
             assert torch.allclose(suffix(*prefix(x)), want, atol=1e-6)
 
 
+def test_defaults_are_the_measured_ones():
+    """experiments/results/fmnist-vgg/sensitivity-defaults/README.md: conv groups only, linear, cost-aware."""
+    o = get_criterion("sensitivity").Options()
+    assert (o.layers, o.form, o.cost_aware, o.rank) == ("conv", "linear", True, "l1")
+
+
 def test_bad_options():
     cls = get_criterion("sensitivity")
-    for bad in (dict(levels=(0.5, 1.0)), dict(trials=0), dict(damage="blur"), dict(max_ratio=1.0)):
+    for bad in (dict(levels=(0.5, 1.0)), dict(trials=0), dict(damage="blur"), dict(max_ratio=1.0), dict(layers="fc")):
         with pytest.raises(BadValue):
             cls.Options(**bad)
 
@@ -211,7 +217,7 @@ def test_cost_aware_gives_a_cheap_insensitive_group_no_more_than_its_fair_cut(ex
     fair = uniform["b"]
     assert 0.1 < fair < 0.6
 
-    plain = run(ctx, form=form, levels=(0.4, 0.8), trials=2)
+    plain = run(ctx, form=form, cost_aware=False, levels=(0.4, 0.8), trials=2)
     assert plain.extra["sensitivity"]["b"] < 1e-3 < plain.extra["sensitivity"]["a"]
     cut = plan_ratios(plain, ctx, target)["b"]
     assert cut > fair + 0.2 and (form == "linear" or cut == pytest.approx(0.9, abs=0.07))  # inverse: the cap

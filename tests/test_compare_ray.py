@@ -218,3 +218,25 @@ def test_a_cell_no_node_can_hold_is_refused_not_left_waiting(cluster, base, tmp_
     assert result.exit_code == 2, result.output
     assert "no node of the Ray cluster has them (the largest: 2 CPUs, 0 GPUs)" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_a_worker_that_dies_is_retried_once_then_recorded_as_failed(cluster, base, tmp_path, monkeypatch):
+    """The task's worker process exits (as if killed, out of memory) on each try: Ray runs the cell twice, then
+    the cell is recorded as failed and compare ends in one line."""
+    from prune_cli import ray_executor
+
+    tries = tmp_path / "tries"
+    tries.mkdir()
+
+    def dying(cell, key, base_bytes, args, threads):  # shipped by value: this test module is not importable there
+        (tries / f"{os.getpid()}").touch()
+        os._exit(1)
+
+    monkeypatch.setattr(ray_executor, "_run_cell_task", dying)
+    exp = experiment(tmp_path / "e.yaml", base={"file": str(base)}, targets=[0.4], seeds=[0], out=str(tmp_path / "out"))
+    result = run("compare", exp, "--executor", "ray")
+    assert result.exit_code == 2, result.output
+    assert "1 of 1 cells run failed" in result.output and "Traceback" not in result.output
+    assert len(list(tries.iterdir())) == 2  # two processes: the first try and the one retry
+    (failure,) = [json.loads(p.read_text()) for p in (tmp_path / "out" / "failed").glob("*.json")]
+    assert "WorkerCrashedError" in failure["error"] and not (tmp_path / "out" / "records").exists()

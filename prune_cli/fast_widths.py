@@ -1,9 +1,9 @@
 """Widths the hardware runs fast: each conv layer timed at candidate widths, and per channel group the widths that
 run faster than every wider one.
 
-Why: a conv's time does not follow its MACs. On the README's 2-core CPU (torch 2.14.1, oneDNN), one 3x3 conv on
-16x16 maps at batch 64 takes nearly as long with any width from 17 to 31 channels as with 32, and a quarter to half
-as long with 16 (README, `--fast-widths`). A uniform cut to 23 channels there halves the MACs and buys little time.
+Why: a conv's time does not follow its MACs. On a CPU with oneDNN, a 3x3 conv can take nearly as long with any
+width from 17 to 31 channels as with 32, and a quarter to half as long with 16 (measured in benchmarks/README.md,
+fast widths). A uniform cut to 23 channels there halves the MACs and buys little time.
 Selection with fast widths rounds each group's kept count down to a width that is faster than every wider one, and
 its bisection then prunes the other groups less, so the MACs target is still met (NetAdapt and HALP measure layers
 in the same spirit).

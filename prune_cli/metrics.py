@@ -132,9 +132,9 @@ def latency_in_turns(
     rounds: int = 4,
 ) -> list[tuple[float, float]]:  # fmt: skip
     """(median ms, spread ms) of each model at `batch` on `pool` (as in `measure_latency`), the models taking turns:
-    `rounds` turns each of about `max_seconds / rounds`, each figure the median of its turns. A CPU's speed drifts
-    (on the 2-core VM of the README a ResNet-20 at batch 1 reads 2 ms or 5 ms, minutes apart); turns that alternate
-    share the drift, so the ratio of two models stays true."""
+    `rounds` turns each of about `max_seconds / rounds`, each figure the median of its turns. A shared CPU's speed
+    drifts by up to 2x within minutes (benchmarks/README.md); turns that alternate share the drift, so the ratio of
+    two models stays true."""
     turns: list[list[Latency]] = [[] for _ in models]
     for _ in range(rounds):
         for model, times in zip(models, turns, strict=True):

@@ -3,7 +3,7 @@
 The model runs once on the example input under a `TorchFunctionMode`, which sees every torch function and tensor
 method called on the input or on anything computed from it. Only shapes matter, so convolutions are not computed:
 each returns zeros of its output's shape, and the pass costs a few milliseconds whatever the model's compute and
-input size. (A torch.fx trace and a shape pass took 23 ms on resnet56, more than the whole surgery's budget.)
+input size. (A torch.fx trace and a shape pass cost more than the whole surgery's budget: benchmarks/README.md.)
 
 Every tensor computed from the input carries a *layout*: a list of segments (space, length, expand), where a space
 is a set of channels born at one producer (a conv's or linear's outputs, or the image) and `expand` is the number

@@ -166,6 +166,8 @@ def relative_ratios(sens: dict[str, float], o: Sensitivity.Options, shares: dict
     else:
         top = max(max(sens.values()), o.min_sensitivity)
         rel = {g: 1.0 - max(s, 0.0) / top for g, s in sens.items()}
+        if not any(v > 0 for v in rel.values()):  # one group, or all equally sensitive: an equal cut, not none
+            rel = dict.fromkeys(rel, 1.0)
     if o.cost_aware:
         mean_share = sum(shares[g] for g in rel) / len(rel)
         rel = {g: r * shares[g] / mean_share if mean_share > 0 else 0.0 for g, r in rel.items()}

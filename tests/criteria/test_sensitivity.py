@@ -147,6 +147,20 @@ def test_split_live_reproduces_the_model_at_every_cut(tiny_resnet, example_input
             assert torch.allclose(suffix(*prefix(x)), want, atol=1e-6)
 
 
+def test_linear_form_prunes_a_single_group(example_input):
+    """`linear` gives the most sensitive group ratio 0; with one group in scope that must not mean no cut at all."""
+    torch.manual_seed(0)
+    model = randomise_bn(
+        nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    )  # fmt: skip
+    ctx = context(model, example_input, target=0.3)
+    assert [g.id for g in ctx.groups] == ["0"]
+    result = run(ctx)
+    assert result.ratios["0"] > 0
+    assert plan_ratios(result, ctx, 0.3)["0"] > 0.2
+
+
 def test_defaults_are_the_measured_ones():
     """experiments/results/fmnist-vgg/sensitivity-defaults/README.md: conv groups only, linear, cost-aware."""
     o = get_criterion("sensitivity").Options()

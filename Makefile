@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# Pinned first: these come from the local disk cache; an unpinned torch would download several GB.
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[dev,onnx]'
+	$(PY) -m pip install -q -e '.[dev,onnx,ray]'
 	touch $(STAMP)
 
 # The main job on the bundled digits (no download, about 10 minutes on 2 CPU cores): train a small VGG once, prune

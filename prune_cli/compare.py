@@ -126,7 +126,7 @@ def run_grid(
     todo = [(c, k) for k, c in waiting.items()]  # two labels, one config: run once
     log(f"{exp.name}: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run -> {exp.out_dir}")
 
-    args = dict(exp=exp, base_file=str(base_file), digest=digest, device=str(device))
+    args = dict(exp=exp, base_file=str(base_file), digest=digest, device=str(device), trust=trust)
     failed: list[dict[str, Any]] = []
     if exp.executor == "ray" and todo:
         advance = reporter.counter("cells", len(todo)) if reporter is not None else (lambda n=1: None)
@@ -141,7 +141,7 @@ def run_grid(
             advance(1)
 
         ray_executor.run_on_ray(
-            todo, {**args, "trust": trust}, cluster, pending=exp.out_dir / PENDING, finished=ran, failed=fell,
+            todo, args, cluster, pending=exp.out_dir / PENDING, finished=ran, failed=fell,
             log=log, warn=warn,
         )  # fmt: skip
     elif jobs == 1 or len(todo) <= 1:

@@ -211,3 +211,16 @@ def test_the_zoo_and_torchvision_need_no_trust(tmp_path):
     tv = tmp_path / "tv.safetensors"
     save_model(models.create_model("torchvision:resnet18", num_classes=10), tv, input_shape=[3, 32, 32])
     assert load_model(tv)(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_a_trusted_factory_reaches_compare_worker_processes(user_factory_file, tmp_path):
+    """`--trust-factory` holds in compare's worker processes (`--jobs 2`) and in its latency timing, not only in the
+    driver's checks."""
+    exp = experiment(tmp_path, {"file": str(user_factory_file)})
+    spec = json.loads(exp.read_text())
+    exp.write_text(json.dumps({**spec, "seeds": [0, 1], "latency_seconds": 0.05}))
+    refused = run("compare", exp, "--jobs", "2")
+    assert refused.exit_code == 2 and "--trust-factory my_zoo:tiny" in refused.stderr
+    result = run("compare", exp, "--jobs", "2", "--trust-factory", "my_zoo:tiny")
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "out" / "records").glob("*.json"))) == 2

@@ -186,14 +186,7 @@ class GatedConv2d(DynamicModule, nn.Conv2d):
     def from_conv(cls, conv: nn.Conv2d, hidden: int, clamp_max: float, prev: GatedConv2d | None) -> GatedConv2d:
         if conv.groups != 1:
             raise BadValue("ManiDP gates only ungrouped convs")
-        new = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-            bias=conv.bias is not None, padding_mode=conv.padding_mode,
-            device=conv.weight.device, dtype=conv.weight.dtype,
-        )  # fmt: skip
-        new.weight = conv.weight
-        if conv.bias is not None:
-            new.bias = conv.bias
+        new = conv_sharing_weights(conv, cls)
         new.gate = SaliencyGate(conv.in_channels, conv.out_channels, hidden, clamp_max).to(conv.weight)
         new._prev = (prev,) if prev is not None else ()  # a tuple: not a submodule, not in the state dict
         new.last_saliency = new.last_mask = new.last_kept = new.last_feature = None
@@ -311,6 +304,19 @@ class GatedConv2d(DynamicModule, nn.Conv2d):
         """Spatial size (H', W') of this conv's output for input x (N, C, H, W)."""
         geometry = zip(x.shape[2:], self.padding, self.dilation, self.kernel_size, self.stride, strict=True)
         return [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in geometry]
+
+
+def conv_sharing_weights(conv: nn.Conv2d, cls: type[nn.Conv2d] = nn.Conv2d) -> nn.Conv2d:
+    """A `cls` with `conv`'s hyper-parameters whose weight and bias are `conv`'s own tensors (no copy): how a conv is
+    wrapped in a gate, and unwrapped again."""
+    new = cls(
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+        bias=conv.bias is not None, padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,
+    )  # fmt: skip
+    new.weight = conv.weight
+    if conv.bias is not None:
+        new.bias = conv.bias
+    return new
 
 
 def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from criteria.manidp import GatedBasicBlock, GatedConv2d, GatedFeatures, gated_layers, wrap
+from criteria.manidp import GatedBasicBlock, GatedConv2d, GatedFeatures, conv_sharing_weights, gated_layers, wrap
 from models.resnet import BasicBlock
 from prune_cli import metrics, surgery
 from prune_cli.dynamic import keep_masks
@@ -39,15 +39,7 @@ def strip(model: nn.Module) -> nn.Module:
     plain.__dict__.pop("prune_cli_dynamic", None)
     for name, conv in [(n, m) for n, m in plain.named_modules() if isinstance(m, GatedConv2d)]:
         parent_name, _, attr = name.rpartition(".")
-        new = nn.Conv2d(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-            bias=conv.bias is not None, padding_mode=conv.padding_mode,
-            device=conv.weight.device, dtype=conv.weight.dtype,
-        )  # fmt: skip
-        new.weight = conv.weight
-        if conv.bias is not None:
-            new.bias = conv.bias
-        setattr(plain.get_submodule(parent_name), attr, new)
+        setattr(plain.get_submodule(parent_name), attr, conv_sharing_weights(conv))
     for m in plain.modules():
         if isinstance(m, nn.BatchNorm2d):
             hooks = m._forward_hooks

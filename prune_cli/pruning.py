@@ -207,15 +207,17 @@ def run(
     groups = surgery.channel_groups(base, example)
     progress = reporter.counter if reporter is not None and hasattr(reporter, "counter") else None
     ctx = make_context(base, groups, splits, criterion, job, device, log, progress)
-    by_latency = None
     if not criterion.dynamic:  # refuse an impossible target before spending time on scoring
         selection.check_reachable(CostModel(base, example), list(ctx.groups), job.target, job.round_to, job.max_ratio)
-        if job.target_latency:
-            by_latency = latency.selector(base, example, list(ctx.groups), splits, job, device, log)
     log(f"scoring {len(ctx.groups)} channel groups with {job.criterion}")
     torch.manual_seed(job.seed)
     result = check_result(criterion.run(ctx), ctx.groups)
     score_s = time.perf_counter() - t0
+    by_latency = None
+    if job.target_latency and isinstance(result, (Scores, Allocation)):
+        # Only now: a criterion that chooses its own widths ignores the latency target, so its reach must not be
+        # timed (nor refuse the run); the criteria that use it pay the timing after scoring.
+        by_latency = latency.selector(base, example, list(ctx.groups), splits, job, device, log)
 
     t1 = time.perf_counter()
     hooks = None

@@ -26,9 +26,13 @@ LEADERBOARD_FILES = ("leaderboard.csv", "leaderboard.md", "leaderboard.tex", "ac
 
 
 def runs(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """One row per run record: criterion, target, seed, costs, accuracies, speed-ups, timings."""
+    """One row per run record: criterion, target, seed, costs, accuracies, speed-ups, timings.
+
+    Rows come in one canonical order (criterion, target, seed), not the order the records arrive in: `compare` has
+    them in grid order and `report` in file-name order, and both must write the same leaderboard, to the last digit
+    of every mean."""
     rows = []
-    for r in records:
+    for r in sorted(records, key=lambda r: (str(r["criterion"]), str(r["target"]), str(r["seed"]), str(r["key"]))):
         b, a, t, job = r["before"], r["after"], r["timings"], r["config"]["job"]
         # The base measured as the pruned model's final top-1 is: without fine-tuning, with its BatchNorm statistics
         # re-estimated on the same images when the pruned model's were; after fine-tuning, with the statistics

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from helpers import train_digits_base
 from typer.testing import CliRunner
 
 from prune_cli.cli import app
@@ -54,10 +55,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    out = tmp_path_factory.mktemp("base") / "base.safetensors"
-    result = run("train", "--model", "resnet20", "--dataset", "digits", "--epochs", "1", "--out", out, "-q")
-    assert result.exit_code == 0, result.output
-    return out
+    return train_digits_base(tmp_path_factory.mktemp("base"), epochs=1)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ per shape. A synthetic timer makes the rule testable; one test times real layers
 
 import pytest
 import torch
-from torch import nn
+from helpers import three_conv_net as net
 
 from prune_cli import fast_widths as FW
 from prune_cli.api import Scores, Target
@@ -11,14 +11,6 @@ from prune_cli.selection import groups_in_scope, select
 from prune_cli.surgery import CostModel, channel_groups
 
 X = torch.randn(1, 3, 12, 12)
-
-
-def net() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 144, 10),
-    ).eval()  # fmt: skip
 
 
 def banded_ms(in_width: int, out_width: int) -> float:

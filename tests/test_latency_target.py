@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from helpers import three_conv_net as net
+from helpers import train_digits_base
 from typer.testing import CliRunner
 
 from prune_cli import fast_widths as FW
@@ -19,14 +20,6 @@ from prune_cli.selection import groups_in_scope
 from prune_cli.surgery import CostModel, channel_groups
 
 X = torch.randn(1, 3, 12, 12)
-
-
-def net() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 144, 10),
-    ).eval()  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------- knapsack
@@ -222,11 +215,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    out = tmp_path_factory.mktemp("latency") / "base.safetensors"
-    result = runner.invoke(app, ["train", "--model", "resnet20", "--dataset", "digits", "--epochs", "1", "--out",
-                                 str(out), "-q"])  # fmt: skip
-    assert result.exit_code == 0, result.output
-    return out
+    return train_digits_base(tmp_path_factory.mktemp("latency"), epochs=1)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from helpers import train_digits_base
 from typer.testing import CliRunner
 
 from prune_cli.cli import app
@@ -18,10 +19,7 @@ def run(*args):
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    out = tmp_path_factory.mktemp("prune") / "base.safetensors"
-    result = run("train", "--model", "resnet20", "--dataset", "digits", "--epochs", "2", "--out", out, "-q")
-    assert result.exit_code == 0, result.output
-    return out
+    return train_digits_base(tmp_path_factory.mktemp("prune"), epochs=2)
 
 
 def test_prune_l1_end_to_end(base, tmp_path):

@@ -41,3 +41,25 @@ def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
             m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
             m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
     return model.eval()
+
+
+def three_conv_net() -> nn.Module:
+    """Three 3x3 convs (16, 16, 8 channels) and a linear head, for (N, 3, 12, 12) inputs."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 144, 10),
+    ).eval()  # fmt: skip
+
+
+def train_digits_base(folder, epochs: int = 1):
+    """A ResNet-20 trained `epochs` epochs on digits by `prune-cli train`, saved as FOLDER/base.safetensors."""
+    from typer.testing import CliRunner
+
+    from prune_cli.cli import app
+
+    out = folder / "base.safetensors"
+    result = CliRunner().invoke(app, ["train", "--model", "resnet20", "--dataset", "digits", "--epochs", str(epochs),
+                                      "--out", str(out), "-q"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return out

@@ -16,8 +16,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from prune_cli import data as D
-from prune_cli import engine, pipeline
+from prune_cli import engine
+from prune_cli.data import splits as D
+from prune_cli.run import steps as pipeline
 
 
 def bare_loop(model, splits, cfg) -> float:

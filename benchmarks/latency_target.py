@@ -2,10 +2,10 @@
 
 1. Reach: resnet56 and vgg16 (random weights, 3x32x32 inputs; latency does not depend on the weights) pruned with L1
    scores to remove F of the measured latency (`--targets`, default 0.3 and 0.5) at each batch size (`--batches`,
-   default 1 and 64), through `prune_cli.latency` exactly as `prune --target-latency` runs it. Each final plan is then
-   timed again against the base, in alternating turns (`--confirm-seconds`), and that figure is the one the goal
-   judges: within +-0.05 of F in at least 7 of the 8 cases. With `--onnxruntime`, the same base and plan are also
-   timed under ONNX Runtime, and the latency/MAC ratio of both runtimes is printed (speed-up / MACs speed-up).
+   default 1 and 64), through `prune_cli.selection.latency` exactly as `prune --target-latency` runs it. Each final
+   plan is then timed again against the base, in alternating turns (`--confirm-seconds`), and that figure is the one
+   the goal judges: within +-0.05 of F in at least 7 of the 8 cases. With `--onnxruntime`, the same base and plan
+   are also timed under ONNX Runtime, and the latency/MAC ratio of both runtimes is printed (speed-up / MACs speed-up).
 2. Accuracy at equal latency: on each `--base` file (default: the Fashion-MNIST ResNet-20 of experiments/results),
    L1 latency-targeted (the knapsack) against L1 uniform MAC-targeted, the MACs target bisected until the two
    models' measured latencies (timed in the same turns) agree; top-1 on the test split before fine-tuning, both
@@ -31,11 +31,14 @@ from pathlib import Path
 import torch
 
 import models
-from prune_cli import data as D
-from prune_cli import engine, latency, pipeline, selection, surgery
+from prune_cli import engine, surgery
 from prune_cli.api import Context, Scores, Target
-from prune_cli.fast_widths import LayerTimer
-from prune_cli.pruning import build_criterion
+from prune_cli.data import splits as D
+from prune_cli.run import steps as pipeline
+from prune_cli.run.pruning import build_criterion
+from prune_cli.selection import latency
+from prune_cli.selection import plan as selection
+from prune_cli.selection.fast_widths import LayerTimer
 from prune_cli.surgery import CostModel
 
 FMNIST_BASE = Path(__file__).resolve().parents[1] / "experiments/results/fmnist-resnet20/base.safetensors"

@@ -22,9 +22,9 @@ import time
 import torch
 
 import models
-from prune_cli import data as D
 from prune_cli.api import CalibData, Context, Target, get_criterion
-from prune_cli.selection import groups_in_scope
+from prune_cli.data import splits as D
+from prune_cli.selection.plan import groups_in_scope
 from prune_cli.surgery import channel_groups
 
 

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 import models
-from prune_cli import pipeline
 from prune_cli.api import Context, Target, get_criterion
 from prune_cli.metrics import count_macs, measure_latency
-from prune_cli.selection import groups_in_scope, select
+from prune_cli.run import steps as pipeline
+from prune_cli.selection.plan import groups_in_scope, select
 from prune_cli.surgery import channel_groups, prune
 
 FAST_AT = 64  # the batch size the fast widths are timed at

@@ -25,9 +25,9 @@ import statistics
 import torch
 
 import models
-from prune_cli import pipeline
 from prune_cli.metrics import count_macs, measure_latency
-from prune_cli.selection import groups_in_scope
+from prune_cli.run import steps as pipeline
+from prune_cli.selection.plan import groups_in_scope
 from prune_cli.surgery import CostModel, channel_groups, prune
 
 

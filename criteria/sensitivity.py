@@ -62,7 +62,7 @@ from torch import Tensor, nn
 
 from prune_cli.api import Allocation, ChannelGroup, Context, Criterion, get_criterion, register_criterion
 from prune_cli.errors import BadValue
-from prune_cli.selection import kept_count
+from prune_cli.selection.plan import kept_count
 from prune_cli.surgery import CostModel
 
 LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)

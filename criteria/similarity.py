@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from prune_cli.api import ChannelGroup, Context, Criterion, Plan, Scores, register_criterion
 from prune_cli.errors import BadValue
-from prune_cli.selection import bisect, kept_count, select
+from prune_cli.selection.plan import bisect, kept_count, select
 from prune_cli.surgery import CostModel, prune
 
 

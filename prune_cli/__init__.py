@@ -9,7 +9,7 @@ __all__ = ["load_model", "save_model", "__version__"]
 
 def __getattr__(name: str):
     if name in ("load_model", "save_model"):
-        from prune_cli import modelfile
+        from prune_cli.store import modelfile
 
         return getattr(modelfile, name)
     raise AttributeError(f"module 'prune_cli' has no attribute {name!r}")

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prune_cli import data as D
 from prune_cli.api import TrainHooks
+from prune_cli.data import splits as D
 from prune_cli.errors import BadModelFile, BadValue
-from prune_cli.io import atomic_write
+from prune_cli.store.files import atomic_write
 
 
 @dataclass(frozen=True)

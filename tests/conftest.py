@@ -32,7 +32,7 @@ def example_input():
 @pytest.fixture(scope="session")
 def digits_calib():
     """A real calibration batch: 256 digits images (1x32x32, normalised) and labels."""
-    from prune_cli import data as D
+    from prune_cli.data import splits as D
 
     splits = D.make_splits(D.load_dataset("digits"), seed=0)
     return D.to_float(splits.train.x[:256], splits), splits.train.y[:256]

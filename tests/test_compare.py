@@ -15,11 +15,11 @@ import yaml
 from helpers import train_digits_base
 from typer.testing import CliRunner
 
-from prune_cli import report
 from prune_cli.api import list_criteria
 from prune_cli.cli import app
-from prune_cli.compare import _pending, run_cell
-from prune_cli.experiment import config_key, file_digest, load_experiment
+from prune_cli.report import leaderboard as report
+from prune_cli.run.experiment import config_key, file_digest, load_experiment
+from prune_cli.run.grid import _pending, run_cell
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -261,7 +261,7 @@ def test_report_skips_a_malformed_record_in_one_line_and_builds_the_rest(tmp_pat
 
 def test_a_malformed_record_is_run_again_by_compare(tmp_path):
     """The store treats a malformed record as a missing one: `load` says why, so compare runs its cell again."""
-    from prune_cli.store import CorruptRecord, Store
+    from prune_cli.store.records import CorruptRecord, Store
 
     path = sorted(QUICKSTART_RECORDS.glob("*.json"))[0]
     record = json.loads(path.read_text())
@@ -273,7 +273,7 @@ def test_a_malformed_record_is_run_again_by_compare(tmp_path):
 
 
 def test_committed_records_are_all_well_formed():
-    from prune_cli.store import CorruptRecord, Store
+    from prune_cli.store.records import CorruptRecord, Store
 
     for folder in ("quickstart", "fmnist-resnet20/compare", "fmnist-vgg/compare"):
         store = Store(ROOT / "experiments/results" / folder)
@@ -359,7 +359,7 @@ def test_ctrl_c_twice_ends_a_parallel_grid_at_once_and_keeps_its_finished_cells(
 
 def test_the_leaderboard_does_not_depend_on_the_order_of_the_records(tmp_path):
     """compare writes its records in grid order, report reads them in file-name order: the same leaderboard."""
-    from prune_cli import report
+    from prune_cli.report import leaderboard as report
 
     # In file-name order these records' mean re-estimated base top-1 (93.815%) once printed as 93.82, in grid order
     # as 93.81: a float sum depends on its order.

@@ -18,7 +18,7 @@ from helpers import train_digits_base
 from typer.testing import CliRunner
 
 from prune_cli.cli import app
-from prune_cli.experiment import config_key, load_experiment
+from prune_cli.run.experiment import config_key, load_experiment
 
 ray = pytest.importorskip("ray")
 
@@ -221,7 +221,7 @@ def test_a_cell_no_node_can_hold_is_refused_not_left_waiting(cluster, base, tmp_
 def test_a_worker_that_dies_is_retried_once_then_recorded_as_failed(cluster, base, tmp_path, monkeypatch):
     """The task's worker process exits (as if killed, out of memory) on each try: Ray runs the cell twice, then
     the cell is recorded as failed and compare ends in one line."""
-    from prune_cli import ray_executor
+    from prune_cli.run import ray_executor
 
     tries = tmp_path / "tries"
     tries.mkdir()

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prune_cli import data as D
+from prune_cli.data import splits as D
 from prune_cli.errors import BadValue, DataMissing, UnknownName
 
 # ------------------------------------------------------------------------------------ file writers
@@ -110,7 +110,7 @@ def test_digits():
 def test_digits_fast_path_matches_sklearn():
     from sklearn.datasets import load_digits
 
-    from prune_cli import datasets as S
+    from prune_cli.data import readers as S
 
     images, target = S._sklearn_digits()
     bunch = load_digits()
@@ -162,7 +162,7 @@ def test_cifar100_superclasses(tmp_path):
 
 def test_python2_pickles(tmp_path):
     """The real files are Python 2 pickles: str keys (SHORT_BINSTRING) and numpy.core module names."""
-    from prune_cli.datasets import read_cifar_pickle
+    from prune_cli.data.readers import read_cifar_pickle
 
     (tmp_path / "meta").write_bytes(b"\x80\x02}q\x00(U\x06labelsq\x01]q\x02(K\x01K\x02eU\x01kU\x03abcu.")
     assert read_cifar_pickle(tmp_path / "meta") == {"labels": [1, 2], "k": "abc"}

@@ -8,10 +8,11 @@ from helpers import concat_net
 from torch import fx, nn
 
 import models
-from prune_cli import dynamic, metrics, pipeline
-from prune_cli.data import load_dataset, make_splits
+from prune_cli import dynamic, metrics
+from prune_cli.data.splits import load_dataset, make_splits
 from prune_cli.dynamic import DynamicModule, DynamicTracer, is_dynamic, per_input_macs
 from prune_cli.errors import UnsupportedGraph
+from prune_cli.run import steps as pipeline
 from prune_cli.surgery import channel_groups
 
 
@@ -162,7 +163,7 @@ def test_models_timed_side_by_side_take_turns():
 def test_sinf_and_its_base_are_timed_in_turns():
     from types import SimpleNamespace
 
-    from prune_cli import sinf_report
+    from prune_cli.sinf import report as sinf_report
 
     splits = make_splits(load_dataset("digits"))
     order = []

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 import models
-from prune_cli import data as D
 from prune_cli import engine
 from prune_cli.api import TrainHooks
+from prune_cli.data import splits as D
 from prune_cli.errors import BadValue
 
 

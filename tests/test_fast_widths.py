@@ -5,9 +5,9 @@ import pytest
 import torch
 from helpers import three_conv_net as net
 
-from prune_cli import fast_widths as FW
 from prune_cli.api import Scores, Target
-from prune_cli.selection import groups_in_scope, select
+from prune_cli.selection import fast_widths as FW
+from prune_cli.selection.plan import groups_in_scope, select
 from prune_cli.surgery import CostModel, channel_groups
 
 X = torch.randn(1, 3, 12, 12)

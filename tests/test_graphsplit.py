@@ -5,7 +5,7 @@ import torch
 
 import models
 from prune_cli.errors import PruneCliError
-from prune_cli.graphsplit import attach_candidates, cut_nodes, gap_features, node_index, split, trace
+from prune_cli.surgery.split import attach_candidates, cut_nodes, gap_features, node_index, split, trace
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -11,12 +11,12 @@ from helpers import three_conv_net as net
 from helpers import train_digits_base
 from typer.testing import CliRunner
 
-from prune_cli import fast_widths as FW
-from prune_cli import latency as L
 from prune_cli.api import Scores
 from prune_cli.cli import app
 from prune_cli.errors import TargetUnreachable
-from prune_cli.selection import groups_in_scope
+from prune_cli.selection import fast_widths as FW
+from prune_cli.selection import latency as L
+from prune_cli.selection.plan import groups_in_scope
 from prune_cli.surgery import CostModel, channel_groups
 
 X = torch.randn(1, 3, 12, 12)
@@ -221,7 +221,7 @@ def base(tmp_path_factory):
 @pytest.fixture
 def quick_timing(tmp_path, monkeypatch):
     """A cache folder of the test's own, and short timings (what is timed does not matter here, only the flow)."""
-    from prune_cli import pipeline
+    from prune_cli.run import steps as pipeline
 
     monkeypatch.setenv(L.CACHE_ENV, str(tmp_path / "cache"))
     plan_timer, side_by_side = L.plan_timer, pipeline.time_side_by_side

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 import models
 from prune_cli.cli import app
 from prune_cli.errors import BadModelFile
-from prune_cli.modelfile import FORMAT, load_model, save_model
+from prune_cli.store.modelfile import FORMAT, load_model, save_model
 
 runner = CliRunner()
 
@@ -73,7 +73,7 @@ def traps(tmp_path_factory):
 
 def sinf_folder(d: Path, model_file: Path) -> Path:
     """A SINF folder whose base model file is `model_file` (loading reads the base first)."""
-    from prune_cli.sinf import FORMAT as SINF_FORMAT
+    from prune_cli.sinf.model import FORMAT as SINF_FORMAT
 
     folder = d / f"sinf-{model_file.stem}"
     folder.mkdir(exist_ok=True)

@@ -8,7 +8,7 @@ from torch import nn
 
 import models
 from prune_cli.errors import BadModelFile, PruneCliError
-from prune_cli.modelfile import load_model, load_weights, module_widths, read_metadata, resized, save_model
+from prune_cli.store.modelfile import load_model, load_weights, module_widths, read_metadata, resized, save_model
 
 
 def _shrink(model: nn.Module, name: str, keep: int) -> None:
@@ -95,7 +95,7 @@ def test_save_refuses_foreign_model_and_wrong_suffix(tmp_path):
 
 
 def test_no_half_written_file_on_failure(tmp_path, monkeypatch):
-    import prune_cli.modelfile as mf
+    import prune_cli.store.modelfile as mf
 
     def boom(*a, **k):
         raise RuntimeError("disk full")

@@ -7,7 +7,7 @@ import models
 from prune_cli.api import Allocation, Scores, Target
 from prune_cli.errors import BadValue, TargetUnreachable
 from prune_cli.metrics import count_macs, count_params
-from prune_cli.selection import groups_in_scope, kept_count, select
+from prune_cli.selection.plan import groups_in_scope, kept_count, select
 from prune_cli.surgery import channel_groups, prune
 
 X = torch.randn(1, 3, 16, 16)

@@ -9,10 +9,12 @@ from typer.testing import CliRunner
 
 import models
 from models.vgg import VGG
-from prune_cli import data as D
-from prune_cli import engine, metrics, sinf, sinf_report
+from prune_cli import engine, metrics
 from prune_cli.cli import app
-from prune_cli.modelfile import save_model
+from prune_cli.data import splits as D
+from prune_cli.sinf import model as sinf
+from prune_cli.sinf import report as sinf_report
+from prune_cli.store.modelfile import save_model
 
 TINY = "sinf_test_tiny_vgg"
 if TINY not in models.MODELS:
@@ -201,7 +203,7 @@ def test_full_fallback_reports_the_base_and_keeps_route_accuracy(built, splits):
 
 
 def _candidates(n: int) -> list:
-    from prune_cli.graphsplit import Candidate
+    from prune_cli.surgery.split import Candidate
 
     return [Candidate(f"node{i}", f"layer{i}", 8, (4, 4)) for i in range(n)]
 

@@ -72,6 +72,14 @@ def compare(
     gpus_per_cell: Annotated[
         float, typer.Option(help="Ray: GPUs each cell reserves (> 0: cells run on the GPU).", rich_help_panel=O.RUN)
     ] = 0.0,  # fmt: skip
+    defer_timing: Annotated[
+        bool,
+        typer.Option(
+            help="Leave finished cells untimed in OUT/pending (a grid on a busy machine); a later run without it "
+            "times them one at a time, which it should do on an idle machine.",
+            rich_help_panel=O.RUN,
+        ),
+    ] = False,  # fmt: skip
     trust_factory: O.TrustFactory = None,
     device: O.Device = None,
     threads: O.Threads = None,
@@ -82,9 +90,10 @@ def compare(
     Each cell is stored as a run record under OUT/records; a re-run skips finished cells, so an interrupted
     comparison resumes where it stopped. Example: prune-cli compare experiments/quickstart.yaml
     """
-    from prune_cli import compare as grid
-    from prune_cli import pipeline, report
-    from prune_cli.experiment import load_experiment
+    from prune_cli.report import leaderboard as report
+    from prune_cli.run import grid
+    from prune_cli.run import steps as pipeline
+    from prune_cli.run.experiment import load_experiment
 
     ui.quiet = quiet
     overrides = {"out": str(out) if out else None, "criteria": criteria, "targets": targets, "seeds": seeds,
@@ -94,7 +103,7 @@ def compare(
     exp = load_experiment(experiment, overrides)
     cluster = None
     if exp.executor == "ray":
-        from prune_cli.ray_executor import RaySettings
+        from prune_cli.run.ray_executor import RaySettings
 
         cluster = RaySettings(address=address, num_cpus=jobs, cpus_per_cell=cpus_per_cell, gpus_per_cell=gpus_per_cell)
     elif address is not None or cpus_per_cell != 1 or gpus_per_cell != 0:
@@ -105,7 +114,7 @@ def compare(
     with ui.RichReporter() as reporter:
         result = grid.run_grid(
             exp, jobs=1 if jobs is None else jobs, device=dev, reporter=reporter, log=ui.info, warn=ui.warn,
-            trust=trust_factory or (), cluster=cluster,
+            trust=trust_factory or (), cluster=cluster, defer_timing=defer_timing,
         )  # fmt: skip
     if result.records:
         lb = report.write(result.records, exp.out_dir, title=exp.name)
@@ -122,7 +131,7 @@ def compare(
 
 def show(lb) -> None:
     """Print the leaderboard with rich, one compact table per target (the files hold every column)."""
-    from prune_cli import report
+    from prune_cli.report import leaderboard as report
 
     table = report.formatted(lb)
     keep = ["rank", "criterion", "MACs removed", "top-1", "drop (pt)", "MAC speed-up"]

@@ -29,8 +29,9 @@ def evaluate(
 
     The dataset defaults to the one the model was trained on (recorded in the file).
     """
-    from prune_cli import engine, metrics, pipeline
+    from prune_cli import engine, metrics
     from prune_cli.errors import BadValue
+    from prune_cli.run import steps as pipeline
 
     ui.quiet = quiet
     dev = pipeline.setup_runtime(device, threads, seed)
@@ -40,7 +41,7 @@ def evaluate(
     if runtime not in ("torch", "onnxruntime"):
         raise BadValue(f"--runtime must be torch or onnxruntime, got {runtime!r}")
     if runtime == "onnxruntime":
-        from prune_cli.export import require_onnx
+        from prune_cli.store.onnx import require_onnx
 
         require_onnx()  # before loading data
     net, dataset, splits = pipeline.load_model_and_data(

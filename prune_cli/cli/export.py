@@ -32,11 +32,11 @@ def export(
 
     Needs the optional extra: pip install 'prune-cli\\[onnx]'. Example: prune-cli export p.safetensors --out p.onnx
     """
-    from prune_cli import data as D
-    from prune_cli import export as E
-    from prune_cli import pipeline
+    from prune_cli.data import splits as D
     from prune_cli.errors import BadValue
-    from prune_cli.io import atomic_write, check_output
+    from prune_cli.run import steps as pipeline
+    from prune_cli.store import onnx as E
+    from prune_cli.store.files import atomic_write, check_output
 
     ui.quiet = quiet
     E.require_onnx()

@@ -20,7 +20,7 @@ def info(
     import torch
 
     from prune_cli import metrics
-    from prune_cli.modelfile import build_architecture, load_model, module_widths, read_metadata
+    from prune_cli.store.modelfile import build_architecture, load_model, module_widths, read_metadata
 
     trust = trust_factory or ()
     arch, meta = read_metadata(model_file)

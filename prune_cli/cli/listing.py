@@ -31,7 +31,7 @@ def list_(
         rows.append({"name": "torchvision:NAME", "note": "any torchvision classifier (random or --weights)"})
         rows.append({"name": "package.module:factory", "note": "your own factory"})
     elif kind == "datasets":
-        from prune_cli import data
+        from prune_cli.data import splits as data
 
         rows = [{"name": n} for n in data.list_datasets() if _match(n, pattern)]
     else:

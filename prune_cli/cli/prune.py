@@ -50,10 +50,11 @@ def prune(
 
     Example: prune-cli prune base.safetensors --criterion dcs --target-macs 0.5 --finetune-epochs 10 --out p.safetensors
     """
-    from prune_cli import pipeline, pruning
     from prune_cli.api import Target
     from prune_cli.config import parse_key_values
     from prune_cli.errors import BadValue
+    from prune_cli.run import pruning
+    from prune_cli.run import steps as pipeline
 
     ui.quiet = quiet
     if sum(t is not None for t in (target_macs, target_params, target_latency)) != 1:
@@ -61,7 +62,7 @@ def prune(
             "give exactly one of --target-macs, --target-params or --target-latency (the fraction to remove)"
         )
     if target_latency is not None:
-        from prune_cli.latency import check_latency_target
+        from prune_cli.selection.latency import check_latency_target
 
         check_latency_target(target_latency, latency_batch)
         # What criteria that choose their own widths aim at instead (they say they ignore the latency target).
@@ -71,11 +72,11 @@ def prune(
     if out is not None and out.suffix != ".safetensors":
         raise BadValue(f"--out must end in .safetensors, got {out.name!r}")
     if out is not None:
-        from prune_cli.io import check_output
+        from prune_cli.store.files import check_output
 
         check_output(out)  # now, not after the scoring and fine-tuning
     if runtime == "onnxruntime":
-        from prune_cli.export import require_onnx
+        from prune_cli.store.onnx import require_onnx
 
         require_onnx()  # now, not after the scoring
     dev = pipeline.setup_runtime(device, threads, seed)

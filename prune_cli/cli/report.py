@@ -15,10 +15,10 @@ def report(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only results.")] = False,
 ) -> None:
     """Rebuild leaderboard.{csv,md,tex} and the plots in FOLDER from FOLDER/records/*.json."""
-    from prune_cli import report as rep
     from prune_cli.cli.compare import show
     from prune_cli.errors import BadValue
-    from prune_cli.store import CorruptRecord, Store
+    from prune_cli.report import leaderboard as rep
+    from prune_cli.store.records import CorruptRecord, Store
 
     ui.quiet = quiet
     store = Store(folder)

@@ -67,11 +67,14 @@ def score(
     """
     import torch
 
-    from prune_cli import pipeline, pruning, selection, surgery
+    from prune_cli import surgery
     from prune_cli.api import Target, check_result
     from prune_cli.config import parse_key_values
     from prune_cli.errors import BadValue, PruneCliError
-    from prune_cli.io import check_output
+    from prune_cli.run import pruning
+    from prune_cli.run import steps as pipeline
+    from prune_cli.selection import plan as selection
+    from prune_cli.store.files import check_output
 
     ui.quiet = quiet
     if target_macs is not None and target_params is not None:
@@ -231,8 +234,8 @@ def channel_proxy(result, ctx) -> dict[str, Any]:
     """A per-channel number for rank correlations (see the module docstring for the choice per result type)."""
     import torch
 
-    from prune_cli import pruning
     from prune_cli.api import Allocation, Plan, Scores
+    from prune_cli.run import pruning
 
     if isinstance(result, Scores):
         return dict(result.per_group)
@@ -281,7 +284,7 @@ def show(result, ctx, keep, report: Mapping[str, Any], name: str) -> None:
 
 # ----------------------------------------------------------------------------------------------------- files
 def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    from prune_cli.io import atomic_write
+    from prune_cli.store.files import atomic_write
 
     fields: list[str] = []
     for r in rows:
@@ -299,7 +302,7 @@ def write_sweep(out: Path, sweep: Sequence[Mapping[str, Any]], baseline: Mapping
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from prune_cli.io import atomic_write
+    from prune_cli.store.files import atomic_write
 
     csv_path, png_path = out.with_name(f"{out.stem}_sweep.csv"), out.with_name(f"{out.stem}_sweep.png")
     write_csv(csv_path, [{k: r[k] for k in ("group", "level", "trial", "accuracy", "loss")} for r in sweep])
@@ -369,7 +372,7 @@ def _order(values: Sequence[float]) -> list[int]:
 
 
 def register(app: typer.Typer) -> None:
-    from prune_cli.io import all_or_nothing
+    from prune_cli.store.files import all_or_nothing
 
     # Scores, sweep, plot and comparison are renamed into place together at the end: a failure half-way (a second
     # model file that cannot be compared) leaves no new file and changes no existing one.

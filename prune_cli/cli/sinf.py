@@ -75,9 +75,10 @@ def build(
     Example: prune-cli sinf build base.safetensors --dataset fashion-mnist --rL 0.6 --rM 0.1 --out sinf/
     """
     from criteria.dcs import DCSOptions
-    from prune_cli import pipeline, sinf
     from prune_cli.config import build_dataclass, parse_key_values
-    from prune_cli.io import check_output, deferred_writes
+    from prune_cli.run import steps as pipeline
+    from prune_cli.sinf import model as sinf
+    from prune_cli.store.files import check_output, deferred_writes
 
     ui.quiet = quiet
     check_output(out, kind="folder")
@@ -175,9 +176,11 @@ def evaluate(
     at batch 1 and at a routed deployment's batch. --sweep runs the r_L / r_M grid and writes
     sweep.csv, sweep.md and sweep.png.
     """
-    from prune_cli import pipeline, sinf, sinf_report
     from prune_cli.errors import BadValue
-    from prune_cli.io import check_output, deferred_writes
+    from prune_cli.run import steps as pipeline
+    from prune_cli.sinf import model as sinf
+    from prune_cli.sinf import report as sinf_report
+    from prune_cli.store.files import check_output, deferred_writes
 
     ui.quiet = quiet
     if sweep:

@@ -44,8 +44,9 @@ def train(
 
     A checkpoint (OUT.ckpt) is written after each epoch; --resume continues from it.
     """
-    from prune_cli import engine, pipeline
-    from prune_cli.io import check_output
+    from prune_cli import engine
+    from prune_cli.run import steps as pipeline
+    from prune_cli.store.files import check_output
 
     ui.quiet = quiet
     if out.suffix != ".safetensors":

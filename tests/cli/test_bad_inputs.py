@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 import models
 from prune_cli.cli import app
-from prune_cli.modelfile import save_model
+from prune_cli.store.modelfile import save_model
 
 runner = CliRunner()
 LONG = "a" * 300  # longer than any file system's 255-byte name limit
@@ -231,7 +231,7 @@ def test_every_case_has_its_own_id():
 
 
 def test_deferred_writes_leave_all_files_or_none(tmp_path):
-    from prune_cli.io import deferred_writes, write_text
+    from prune_cli.store.files import deferred_writes, write_text
 
     (tmp_path / "a.csv").write_text("old")
     with pytest.raises(RuntimeError), deferred_writes():
@@ -248,7 +248,7 @@ def test_deferred_writes_leave_all_files_or_none(tmp_path):
 
 
 def test_an_output_gets_the_mode_a_plain_open_gives_it_or_keeps_its_own(tmp_path):
-    from prune_cli.io import write_text
+    from prune_cli.store.files import write_text
 
     umask = os.umask(0o022)
     try:

@@ -12,10 +12,10 @@ from torch import nn
 from typer.testing import CliRunner
 
 import models
-from prune_cli import report
 from prune_cli.cli import app
-from prune_cli.experiment import config_key, load_experiment
-from prune_cli.modelfile import load_model, save_model
+from prune_cli.report import leaderboard as report
+from prune_cli.run.experiment import config_key, load_experiment
+from prune_cli.store.modelfile import load_model, save_model
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[2]

@@ -35,7 +35,7 @@ def test_train_writes_a_model_file_and_reports(trained):
 
 
 def test_train_save_every_writes_the_runs_early_snapshots(tmp_path):
-    from prune_cli.modelfile import load_model
+    from prune_cli.store.modelfile import load_model
 
     out = tmp_path / "m.safetensors"
     result = run("train", "--model", "resnet20", "--dataset", "digits", "--epochs", "2", "--batch-size", "256",
@@ -59,9 +59,9 @@ def test_eval_json(trained):
 
 
 def test_the_model_file_records_its_input_normalisation(trained):
-    from prune_cli import data as D
-    from prune_cli import pipeline
-    from prune_cli.modelfile import load_model
+    from prune_cli.data import splits as D
+    from prune_cli.run import steps as pipeline
+    from prune_cli.store.modelfile import load_model
 
     out, _ = trained
     recorded = load_model(out).prune_cli_info["normalisation"]

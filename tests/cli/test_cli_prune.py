@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from prune_cli.cli import app
 from prune_cli.metrics import count_macs
-from prune_cli.modelfile import load_model
+from prune_cli.store.modelfile import load_model
 
 runner = CliRunner()
 

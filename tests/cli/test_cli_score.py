@@ -10,7 +10,7 @@ import models
 from prune_cli.api import Plan, Scores, get_criterion, list_criteria
 from prune_cli.cli import app
 from prune_cli.cli import score as S
-from prune_cli.modelfile import save_model
+from prune_cli.store.modelfile import save_model
 
 runner = CliRunner()
 FAST_SENS = ["--calib-images", "48", "--opt", "sensitivity.levels=0.3,0.7", "--opt", "sensitivity.trials=1"]
@@ -123,7 +123,7 @@ def test_all_means_every_registered_static_criterion():
 
 def test_plan_proxy_and_spearman_by_hand(tiny_vgg, example_input):
     from prune_cli.api import Context, Target
-    from prune_cli.selection import groups_in_scope
+    from prune_cli.selection.plan import groups_in_scope
     from prune_cli.surgery import channel_groups
 
     groups = channel_groups(tiny_vgg, example_input)

@@ -11,9 +11,10 @@ from helpers import randomise_bn
 from typer.testing import CliRunner
 
 import models
-from prune_cli import pipeline, surgery
+from prune_cli import surgery
 from prune_cli.cli import app
-from prune_cli.modelfile import load_model, save_model
+from prune_cli.run import steps as pipeline
+from prune_cli.store.modelfile import load_model, save_model
 
 pytest.importorskip("onnxruntime")
 runner = CliRunner()

@@ -181,7 +181,7 @@ def test_pooling_a_flattened_group_reads_its_own_features():
 @pytest.mark.parametrize("name", ["vgg11", "resnet20"])
 def test_zoo_models_through_the_real_groups(name):
     """Every prunable group of a zoo model gets finite scores in [0, 1]; the result passes the conformance check."""
-    from prune_cli.selection import groups_in_scope
+    from prune_cli.selection.plan import groups_in_scope
     from prune_cli.surgery import channel_groups
 
     torch.manual_seed(0)

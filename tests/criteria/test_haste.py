@@ -11,7 +11,7 @@ from prune_cli.api import Context, Dynamic, Target, check_result, get_criterion
 from prune_cli.dynamic import per_input_macs
 from prune_cli.errors import BadValue, TargetUnreachable
 from prune_cli.metrics import count_macs
-from prune_cli.modelfile import load_model, save_model
+from prune_cli.store.modelfile import load_model, save_model
 
 
 class Trap:

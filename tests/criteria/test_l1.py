@@ -3,7 +3,7 @@
 import torch
 
 from prune_cli.api import Context, Scores, Target, check_result, get_criterion
-from prune_cli.selection import groups_in_scope
+from prune_cli.selection.plan import groups_in_scope
 from prune_cli.surgery import channel_groups
 
 

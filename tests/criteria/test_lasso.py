@@ -8,8 +8,8 @@ import models
 from criteria.lasso import LassoOptions, _shortcut_operands
 from prune_cli.api import CalibData, Context, Plan, Target, check_result, get_criterion
 from prune_cli.errors import BadValue
-from prune_cli.pruning import PruneJob, plan_from_result
-from prune_cli.selection import groups_in_scope
+from prune_cli.run.pruning import PruneJob, plan_from_result
+from prune_cli.selection.plan import groups_in_scope
 from prune_cli.surgery import channel_groups, prune
 
 SMALL = {"images": 48}  # fast settings for the conformance tests
@@ -94,7 +94,7 @@ def test_picks_the_channels_the_output_depends_on(tiny_resnet, digits_calib):
 @pytest.fixture(scope="module")
 def trained_resnet(digits_calib):
     """resnet20 on 16x16 digits, 80 SGD steps (~5 s on one core): a model whose channels carry real structure."""
-    from prune_cli import data as D
+    from prune_cli.data import splits as D
 
     splits = D.make_splits(D.load_dataset("digits"), seed=0)
     x = F.interpolate(D.to_float(splits.train.x, splits), size=16, mode="bilinear", antialias=True)

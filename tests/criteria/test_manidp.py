@@ -16,7 +16,7 @@ from prune_cli.api import CalibData, Context, Dynamic, Target, check_result, get
 from prune_cli.dynamic import per_input_macs
 from prune_cli.errors import BadValue
 from prune_cli.metrics import count_macs
-from prune_cli.modelfile import load_model, save_model
+from prune_cli.store.modelfile import load_model, save_model
 
 IDENTITY = {"criterion": "manidp", "gate_init": "identity"}
 

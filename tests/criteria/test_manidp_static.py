@@ -15,7 +15,7 @@ from prune_cli import engine
 from prune_cli.api import CalibData, Context, Target, check_result, get_criterion
 from prune_cli.dynamic import input_dependence, is_dynamic, keep_stats, per_input_macs
 from prune_cli.metrics import count_macs, count_params
-from prune_cli.modelfile import load_model, save_model
+from prune_cli.store.modelfile import load_model, save_model
 
 CONFIG = {"criterion": "manidp", "squeeze_rate": 2, "clamp_max": 2.0, "gate_init": "identity"}
 

@@ -8,10 +8,10 @@ from helpers import concat_net, randomise_bn
 from torch import nn
 
 from criteria.sensitivity import _damage, is_conv_group, split_live
-from prune_cli import pruning
 from prune_cli.api import Allocation, CalibData, Context, Target, check_result, get_criterion
 from prune_cli.errors import BadValue
-from prune_cli.selection import groups_in_scope
+from prune_cli.run import pruning
+from prune_cli.selection.plan import groups_in_scope
 from prune_cli.surgery import channel_groups
 
 FAST = dict(levels=(0.3, 0.7), trials=1, batch_size=32)

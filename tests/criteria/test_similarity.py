@@ -6,8 +6,8 @@ import torch
 
 import models
 from prune_cli.api import CalibData, Context, Plan, Target, check_result, get_criterion
-from prune_cli.pruning import PruneJob, plan_from_result
-from prune_cli.selection import groups_in_scope
+from prune_cli.run.pruning import PruneJob, plan_from_result
+from prune_cli.selection.plan import groups_in_scope
 from prune_cli.surgery import channel_groups, prune
 
 

@@ -13,7 +13,7 @@ from torch import nn
 import models
 from prune_cli.errors import PruneCliError
 from prune_cli.metrics import count_macs, count_params
-from prune_cli.modelfile import load_model, save_model
+from prune_cli.store.modelfile import load_model, save_model
 from prune_cli.surgery import CostModel, channel_groups, prune
 
 ARCHS = {

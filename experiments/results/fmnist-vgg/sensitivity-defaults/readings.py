@@ -1,6 +1,6 @@
 """Sensitivity (SBPF) defaults, measured: every (form, layers, target) cell is `prune-cli prune MODEL --criterion
 sensitivity --opt form=F [--opt cost_aware=true] --opt layers=L --target-macs T --finetune-epochs 0 --calib-images
-1024 --seed 0` (the same `prune_cli.pruning.run`, latency not timed), and l1 the same way with `--criterion l1`.
+1024 --seed 0` (the same `prune_cli.run.pruning.run`, latency not timed), and l1 the same way with `--criterion l1`.
 
 The damage sweep does not depend on the form, cost_aware, the layers kept or the target (each (group, level, trial)
 damage has its own seed), so it is computed once per model and shared by that model's cells; `--cache DIR` keeps it
@@ -24,8 +24,10 @@ from pathlib import Path
 import torch
 
 import criteria.sensitivity as S
-from prune_cli import engine, pipeline, pruning, surgery
+from prune_cli import engine, surgery
 from prune_cli.api import Target
+from prune_cli.run import pruning
+from prune_cli.run import steps as pipeline
 
 _SWEEP = S.sweep
 

@@ -30,12 +30,14 @@ from typing import Any
 import torch
 
 import models
-from prune_cli import __version__, engine, pipeline, pruning
+from prune_cli import __version__, engine
 from prune_cli.errors import BadModelFile, BadValue
-from prune_cli.experiment import Cell, Experiment, config_key, file_digest
-from prune_cli.io import write_text
-from prune_cli.modelfile import load_model, read_metadata
-from prune_cli.store import CorruptRecord, Store
+from prune_cli.run import pruning
+from prune_cli.run import steps as pipeline
+from prune_cli.run.experiment import Cell, Experiment, config_key, file_digest
+from prune_cli.store.files import write_text
+from prune_cli.store.modelfile import load_model, read_metadata
+from prune_cli.store.records import CorruptRecord, Store
 
 PENDING = "pending"  # <out>/pending/<key>.json and .safetensors: a cell run by a worker, its latency not yet timed
 FAILED = "failed"  # <out>/failed/<key>.json: a cell whose Ray task raised (its error); removed once it has finished
@@ -90,16 +92,17 @@ def prepare_base(
 def run_grid(
     exp: Experiment, *, jobs: int = 1, device: torch.device | None = None, reporter: Any = None,
     log: Callable[[str], None] = lambda m: None, warn: Callable[[str], None] = lambda m: None,
-    trust: Collection[str] = (), cluster: Any = None,
+    trust: Collection[str] = (), cluster: Any = None, defer_timing: bool = False,
 ) -> GridResult:  # fmt: skip
     """Run every unfinished cell of `exp`; return the records of all its finished cells (in grid order). `trust`:
     user factories that the base model file (or the experiment) may name. `cluster`: the `ray_executor.RaySettings`
-    of `executor: ray` (default: a local Ray instance on every core)."""
+    of `executor: ray` (default: a local Ray instance on every core). `defer_timing`: leave every finished cell
+    untimed in the pending folder (a grid on a busy machine), for a later run to time on an idle one."""
     if jobs < 1:
         raise BadValue(f"--jobs must be >= 1, got {jobs}")
     check_out_dir(exp.out_dir)
     if exp.executor == "ray":
-        from prune_cli import ray_executor
+        from prune_cli.run import ray_executor
 
         ray_executor.import_ray()  # a missing extra is one line now, not after the base model has been trained
         cluster = cluster or ray_executor.RaySettings()
@@ -148,7 +151,11 @@ def run_grid(
         advance = reporter.counter("cells", len(todo)) if reporter is not None and todo else (lambda n=1: None)
         for cell, key in todo:
             log(f"cell {cell.spec.title} target {cell.job.target.reduction:g} seed {cell.job.seed}")
-            done[key] = run_cell(cell, key, reporter=reporter, log=log, **args)
+            record = run_cell(cell, key, reporter=reporter, log=log, defer_latency=defer_timing, **args)
+            if defer_timing:
+                untimed.add(key)
+            else:
+                done[key] = record
             advance(1)
     else:
         advance = reporter.counter("cells", len(todo)) if reporter is not None else (lambda n=1: None)
@@ -158,7 +165,10 @@ def run_grid(
             advance(1)
 
         run_in_processes(todo, jobs, args, exp.out_dir / PENDING, finished, log, warn)
-    if untimed:
+    if untimed and defer_timing:
+        log(f"{len(untimed)} finished cells wait untimed in {exp.out_dir / PENDING}: run compare again without "
+            "--defer-timing on an idle machine to time them and file their records")  # fmt: skip
+    elif untimed:
         ordered = [k for k in dict.fromkeys(keys) if k in untimed]  # grid order
         done.update(time_pending(exp, ordered, base_file, device, reporter, log, trust))
     for key in done:  # failed in an earlier run, finished now

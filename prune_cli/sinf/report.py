@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from prune_cli import data as D
 from prune_cli import metrics
-from prune_cli.io import atomic_write, write_text
-from prune_cli.sinf import Sinf, SinfModel, cluster_image_source, images, reprune
+from prune_cli.data import splits as D
+from prune_cli.sinf.model import Sinf, SinfModel, cluster_image_source, images, reprune
+from prune_cli.store.files import atomic_write, write_text
 
 R_L_GRID = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 R_M_GRID = (0.1, 0.08, 0.06, 0.04, 0.02)  # the paper: "10% to 1% in steps of 2"; we stop at 2%

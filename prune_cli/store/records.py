@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from prune_cli.experiment import config_key
-from prune_cli.io import write_text
+from prune_cli.run.experiment import config_key
+from prune_cli.store.files import write_text
 
 SCHEMA = 1
 STEPS = ("score_s", "finetune_s", "total_s")  # the timings a leaderboard shows

@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 import models
-from prune_cli import data as D
 from prune_cli import metrics
 from prune_cli.config import check_seed
+from prune_cli.data import splits as D
 from prune_cli.errors import BadValue
-from prune_cli.modelfile import load_weights
+from prune_cli.store.modelfile import load_weights
 
 
 def setup_runtime(device: str | None = None, threads: int | None = None, seed: int = 0) -> torch.device:
@@ -78,7 +78,7 @@ def load_model_and_data(
 ) -> tuple[nn.Module, str, D.Splits]:  # fmt: skip
     """A saved model and the splits of its dataset (by default the one recorded in the file). `trust`: the user
     factories the file may name (see `modelfile.load_model`)."""
-    from prune_cli.modelfile import load_model
+    from prune_cli.store.modelfile import load_model
 
     model = load_model(model_file, device, trust=trust)
     info = getattr(model, "prune_cli_info", {})
@@ -145,7 +145,7 @@ def train_and_save(
     import time
 
     from prune_cli import engine
-    from prune_cli.modelfile import save_model
+    from prune_cli.store.modelfile import save_model
 
     splits = load_splits(dataset, data_dir, model_name=model_name, seed=cfg.seed)
     net = new_model(model_name, splits, weights)
@@ -229,7 +229,7 @@ def time_side_by_side(
         n = max(256, 2 * max(latency_batches))
         pool = D.to_float(splits.test.x[:n], splits, device=device)
         if runtime != "torch":
-            from prune_cli.latency import as_runtime
+            from prune_cli.selection.latency import as_runtime
 
             models = [as_runtime(m, runtime, pool[:1]) for m in models]
     for b in latency_batches:

@@ -2,7 +2,7 @@
 
 Everything is held in memory as uint8 tensors (N, C, H, W). The readers are small and our own: the IDX
 and CIFAR formats are a few lines each, and torchvision's readers insist on the md5 of the full-size files.
-`prune_cli.data` re-exports `Split`, `Dataset` and `DATASETS`; use that module.
+`prune_cli.data.splits` re-exports `Split`, `Dataset` and `DATASETS`; use that module.
 """
 
 from __future__ import annotations

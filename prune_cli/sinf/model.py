@@ -55,11 +55,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from criteria.dcs import DCSOptions, dcs_scores
-from prune_cli import data as D
 from prune_cli.api import ChannelGroup
+from prune_cli.data import splits as D
 from prune_cli.errors import BadModelFile, BadValue, PruneCliError, UnsupportedGraph
-from prune_cli.graphsplit import Candidate, attach_candidates, gap_features, node_index, split, trace
-from prune_cli.io import atomic_write, write_text
+from prune_cli.store.files import atomic_write, write_text
+from prune_cli.surgery.split import Candidate, attach_candidates, gap_features, node_index, split, trace
 
 FORMAT = "prune-cli-sinf/1"
 Log = Callable[[str], None]
@@ -227,7 +227,7 @@ def tail_groups(gm: fx.GraphModule, groups: Sequence[ChannelGroup], cut: str, sc
     where = node_index(gm)
     at = [n.name for n in gm.graph.nodes].index(cut)
     chosen = []
-    from prune_cli.selection import groups_in_scope
+    from prune_cli.selection.plan import groups_in_scope
 
     for g in groups_in_scope(list(groups), scope):
         positions = [where[m.module] for m in g.members if m.module in where]
@@ -338,7 +338,7 @@ def make_subgraphs(
 
     With `bn_images`, the BatchNorm statistics of each tail are re-estimated on its cluster's images.
     """
-    from prune_cli.modelfile import module_widths
+    from prune_cli.store.modelfile import module_widths
     from prune_cli.surgery import prune
 
     extractor = split(trace(base), cut)[0] if bn_images is not None else None
@@ -503,7 +503,7 @@ def reprune(s: Sinf, r_M: float, r_L: float, example_input: Tensor, bn_images: I
 # -------------------------------------------------------------------------------------------- save/load
 def save(s: Sinf, out_dir: str | Path, **info: Any) -> Path:
     """Write the file set (see the module docstring) to `out_dir`. `info` is stored in the manifest."""
-    from prune_cli.modelfile import save_model
+    from prune_cli.store.modelfile import save_model
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -526,7 +526,7 @@ def _save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
 def load(path: str | Path, device: torch.device | str = "cpu", *, trust: Collection[str] = ()) -> Sinf:
     """Rebuild a saved SINF model: base from its model file, subgraphs from their widths and weights. `trust`: user
     factories the base model file may name (see `modelfile.load_model`)."""
-    from prune_cli.modelfile import build_architecture, load_model, read_metadata
+    from prune_cli.store.modelfile import build_architecture, load_model, read_metadata
 
     path = Path(path)
     manifest_path = path / "sinf.json"

@@ -17,8 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prune_cli import data as D
-from prune_cli import dynamic, engine, latency, pipeline, selection, surgery
+from prune_cli import dynamic, engine, surgery
 from prune_cli.api import (
     Allocation,
     CalibData,
@@ -34,8 +33,12 @@ from prune_cli.api import (
     get_criterion,
 )  # fmt: skip
 from prune_cli.config import build_dataclass
+from prune_cli.data import splits as D
 from prune_cli.errors import BadValue
-from prune_cli.modelfile import save_model
+from prune_cli.run import steps as pipeline
+from prune_cli.selection import latency
+from prune_cli.selection import plan as selection
+from prune_cli.store.modelfile import save_model
 from prune_cli.surgery import CostModel
 
 # Training images the BatchNorm statistics are re-estimated on after removal (PruneJob.recalibrate_bn).

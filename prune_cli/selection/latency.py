@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from prune_cli import fast_widths as FW
 from prune_cli.api import ChannelGroup, Scores
 from prune_cli.errors import BadValue, TargetUnreachable
+from prune_cli.selection import fast_widths as FW
 from prune_cli.surgery.cost import CostModel
 
 CACHE_ENV = "PRUNE_CLI_CACHE_DIR"
@@ -138,7 +138,7 @@ class LatencyTable:
         cannot be written is skipped: it only saves time."""
         if self.path is None:
             return
-        from prune_cli.io import CannotWrite, atomic_write
+        from prune_cli.store.files import CannotWrite, atomic_write
 
         merged = {**self._load(), **self._ms}
         text = json.dumps({"key": self.key, "description": self.description, "ms": merged}, sort_keys=True)
@@ -156,7 +156,7 @@ def _k(name: str, in_width: int, out_width: int) -> str:
 def _table_key(timer: FW.LayerTimer, batch: int) -> tuple[str, dict]:
     """(hash, description) of what a layer's time depends on: the conv layers' shapes, device, threads, batch, torch
     and the CPU."""
-    from prune_cli.pipeline import machine
+    from prune_cli.run.steps import machine
 
     layers = [
         [name, m.in_channels, m.out_channels, list(m.kernel_size), list(m.stride), list(m.padding), list(m.dilation),
@@ -249,7 +249,7 @@ class LatencyPlanner:
     owned: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self):
-        from prune_cli.selection import kept_count
+        from prune_cli.selection.plan import kept_count
 
         ids = {g.id for g in self.groups}
         self.owned = {g.id: [] for g in self.groups}
@@ -306,7 +306,7 @@ class LatencyPlanner:
     def by_ratios(self, ratios: Mapping[str, float], budget: float, costs: Mapping[str, np.ndarray]) -> dict[str, int]:
         """Per-group ratios scaled by the least common factor whose plan (rounded down to candidate widths) fits
         `budget`; the narrowest widths where nothing fits."""
-        from prune_cli.selection import kept_count
+        from prune_cli.selection.plan import kept_count
 
         rel = {g.id: max(0.0, float(ratios.get(g.id, 0.0))) for g in self.groups}
         top = max(rel.values())
@@ -453,7 +453,7 @@ def as_runtime(model: nn.Module, runtime: str, example_input: Tensor) -> Callabl
     if runtime == "torch":
         return model
     if runtime == "onnxruntime":
-        from prune_cli import export
+        from prune_cli.store import onnx as export
 
         return export.OrtModel(model, example_input)
     raise BadValue(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
@@ -463,7 +463,7 @@ def to_selection(planner: LatencyPlanner, result: LatencyResult, scores: Scores,
     """The `selection.Selection` of a latency result: the top-scoring channels at its counts, its MACs and params,
     and the latency requested and measured (metric "latency")."""
     from prune_cli.api import Target
-    from prune_cli.selection import finish
+    from prune_cli.selection.plan import finish
 
     sel = finish(planner.cost, planner.groups, scores, result.counts, Target("macs", 0.0))
     sel.metric, sel.requested, sel.achieved = "latency", result.requested, result.achieved
@@ -481,8 +481,8 @@ def selector(
     """For `pruning.run`: measure the base against the narrowest plan allowed (refusing an unreachable target
     before any scoring), and return the selection under `job.target_latency`: (scores, allocation or None) ->
     `selection.Selection`."""
-    from prune_cli import data as D
-    from prune_cli import selection
+    from prune_cli.data import splits as D
+    from prune_cli.selection import plan as selection
 
     batch, tolerance = job.latency_batch, 0.02
     pool = D.to_float(splits.test.x[: max(256, 2 * batch)], splits, device=device)

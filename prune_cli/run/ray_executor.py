@@ -93,7 +93,7 @@ def run_on_ray(
     """Run the cells of `todo` ((cell, key) pairs) as Ray tasks. Each result is written into `pending` as it
     arrives, then `finished(key)`; a cell whose task raised or whose worker died twice goes to `failed(cell, key,
     error)`. `args`: run_cell's keyword arguments (exp, base_file, digest, device, trust)."""
-    from prune_cli.io import atomic_write, write_text
+    from prune_cli.store.files import atomic_write, write_text
 
     ray = import_ray()
     started_here = _connect(ray, settings, log)
@@ -204,7 +204,7 @@ def _run_cell_task(cell: Any, key: str, base: bytes, args: dict[str, Any], threa
     """One cell on a Ray worker: run_cell in a scratch output folder, then hand back its record and model bytes."""
     import torch
 
-    from prune_cli.compare import PENDING, run_cell
+    from prune_cli.run.grid import PENDING, run_cell
 
     torch.set_num_threads(threads)  # as many threads as CPUs reserved: cells on one node do not oversubscribe it
     base_file = _base_file(args["digest"], base)

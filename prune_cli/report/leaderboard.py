@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from prune_cli.io import atomic_write, write_text
+from prune_cli.store.files import atomic_write, write_text
 
 # An entry whose achieved MACs reduction falls short of the target by more than this is not ranked.
 TARGET_TOLERANCE = 0.02

@@ -1,6 +1,6 @@
 """Datasets in memory, their splits, and batches for the training loop.
 
-A `Dataset` (read by a loader in `prune_cli.datasets`) holds uint8 tensors (N, C, H, W). `make_splits` holds
+A `Dataset` (read by a loader in `prune_cli.data.readers`) holds uint8 tensors (N, C, H, W). `make_splits` holds
 out `val` and `calib` from the training set with a fixed seed (never from `test`) and takes the normalisation
 statistics from what is left for training. `batches` slices the uint8 tensors, augments in batch with tensor
 ops on the target device (random crop with zero padding, horizontal flip), and normalises: the same code on
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from prune_cli.api import CalibData
-from prune_cli.datasets import DATASETS, Dataset, Split
+from prune_cli.data.readers import DATASETS, Dataset, Split
 from prune_cli.errors import BadValue
 
 __all__ = [

@@ -28,7 +28,7 @@ from prune_cli.api import Target
 from prune_cli.config import build_dataclass, check_seed, load_yaml
 from prune_cli.engine import TrainConfig
 from prune_cli.errors import BadConfig, BadValue
-from prune_cli.pruning import PruneJob, build_criterion
+from prune_cli.run.pruning import PruneJob, build_criterion
 
 EXECUTORS = ("local", "ray")
 

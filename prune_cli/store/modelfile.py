@@ -30,7 +30,7 @@ from torch import nn
 
 import models
 from prune_cli.errors import BadModelFile, PruneCliError
-from prune_cli.io import atomic_write
+from prune_cli.store.files import atomic_write
 
 FORMAT = "prune-cli/1"
 _RESIZABLE = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)

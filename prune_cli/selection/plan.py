@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from prune_cli import fast_widths as FW
 from prune_cli.api import Allocation, ChannelGroup, Scores, Target
 from prune_cli.errors import BadValue, TargetUnreachable
+from prune_cli.selection import fast_widths as FW
 from prune_cli.surgery.cost import CostModel
 
 

@@ -1,0 +1,1 @@
+"""Reports from run records alone: leaderboards (terminal, CSV, Markdown, LaTeX) and their plots (`leaderboard`)."""

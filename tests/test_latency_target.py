@@ -60,9 +60,25 @@ def test_knapsack_matches_brute_force_on_integer_costs(seed):
 
 
 def test_values_are_score_mass_shares_weighted_by_the_group_time():
-    assert L.values_of(torch.tensor([1.0, 3.0, 0.0, 4.0]), 2.0).tolist() == pytest.approx([0, 1.0, 1.75, 2.0, 2.0])
-    assert L.values_of(torch.tensor([-1.0, 1.0])).tolist() == pytest.approx([0, 1.0, 1.0])  # shifted to >= 0
-    assert L.values_of(torch.zeros(4)).tolist() == pytest.approx([0, 0.25, 0.5, 0.75, 1.0])
+    log = np.log
+    assert L.values_of(torch.tensor([1.0, 3.0, 0.0, 4.0]), 2.0).tolist() == pytest.approx(
+        [-np.inf, 2 * log(0.5), 2 * log(0.875), 0, 0]
+    )
+    assert L.values_of(torch.tensor([-1.0, 1.0])).tolist() == pytest.approx([-np.inf, 0, 0])  # shifted to >= 0
+    assert L.values_of(torch.zeros(4)).tolist() == pytest.approx([-np.inf, *log([0.25, 0.5, 0.75, 1.0])])
+
+
+def test_equal_scores_and_linear_times_give_the_uniform_cut():
+    # Three groups of 20 channels whose times are linear in width at different rates, every channel scored the same:
+    # the most value under half (or 3/4) of the time is that share of every group. A linear value ties every plan of
+    # that time, and the knapsack picked an extreme one: [17, 3, 12] and [10, 12, 17].
+    widths = np.arange(20, 1, -1)
+    rates = [1.0, 3.0, 7.0]
+    values = [L.values_of(torch.ones(20), rate * 20)[widths] for rate in rates]
+    costs = [rate * widths for rate in rates]
+    for share, kept in [(0.5, 10), (0.75, 15)]:
+        picks = L.knapsack(values, costs, share * sum(rate * 20 for rate in rates) + 0.5)  # + 0.5: above rounding
+        assert [int(widths[j]) for j in picks] == [kept] * 3
 
 
 # ----------------------------------------------------------------------------------------- a fixed fake table

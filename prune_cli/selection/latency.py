@@ -7,11 +7,11 @@ How (the method notes say why):
 2. Each timed layer's time is charged to one channel group: the group of its output channels if that group is
    pruned, else the group of its input channels (a ResNet block's second conv, whose outputs feed the residual sum);
    the other group's width is held at its full width (exact for ResNets pruned inside their blocks; an upper bound
-   on a chain's layers). A group's cost at width w is then the summed time of its layers, its value the share of its
-   score mass that the top w channels hold, weighted by its full-width time (`values_of`), and the plan with the most
-   value under a time budget is a multiple-choice knapsack (`knapsack`), as in HALP (Shen et al., NeurIPS 2022,
-   arXiv 2110.10811), solved exactly by dynamic programming over the budget cut into small steps. Per-group ratios
-   (an `Allocation`) are scaled by one factor to the budget instead.
+   on a chain's layers). A group's cost at width w is then the summed time of its layers, its value the log of the
+   share of its score mass that the top w channels hold, weighted by its full-width time (`values_of`), and the plan
+   with the most value under a time budget is a multiple-choice knapsack (`knapsack`), as in HALP (Shen et al.,
+   NeurIPS 2022, arXiv 2110.10811), solved exactly by dynamic programming over the budget cut into small steps.
+   Per-group ratios (an `Allocation`) are scaled by one factor to the budget instead.
 3. The table predicts the convolutions only; the rest of a forward pass (BatchNorm, activations, the framework's
    per-layer overhead) is measured, not modelled: the plan is built, timed against the base in alternating turns,
    and the budget corrected (regula falsi) until the measured reduction is within `tolerance` of the requested one,
@@ -156,7 +156,7 @@ def _k(name: str, in_width: int, out_width: int) -> str:
 def _table_key(timer: FW.LayerTimer, batch: int) -> tuple[str, dict]:
     """(hash, description) of what a layer's time depends on: the conv layers' shapes, device, threads, batch, torch
     and the CPU."""
-    from prune_cli.run.steps import machine
+    from prune_cli.run.environment import machine
 
     layers = [
         [name, m.in_channels, m.out_channels, list(m.kernel_size), list(m.stride), list(m.padding), list(m.dilation),
@@ -215,20 +215,25 @@ def knapsack(values: Sequence[Sequence[float]], costs: Sequence[Sequence[float]]
 
 
 def values_of(scores: Tensor, weight: float = 1.0) -> np.ndarray:
-    """(n + 1,) value of keeping the top 0..n channels of a group with `scores` (n,) (higher = keep): the share of
-    the group's score mass they hold, times `weight`.
+    """(n + 1,) value of keeping the top 0..n channels of a group with `scores` (n,) (higher = keep): the log of the
+    share of the group's score mass they hold, times `weight` (keeping none: -inf).
 
     Criteria score each group on its own scale, so a channel's value is only comparable inside its group. The
-    planner weights each group by its charged time at full width: where time is linear in width and scores are
-    equal, the knapsack's answer is then the uniform cut, and it departs from it only where the table (a width that
-    runs faster than a wider one) or the scores (a group whose mass sits in few channels) give it reason to. Counting
-    channels instead (every channel worth 1) strips the groups whose channels cost most, and with them accuracy.
+    planner weights each group by its charged time at full width. The log makes the value strictly concave in the
+    kept share: where time is linear in width and scores are equal, the most value under a budget is then the uniform
+    cut (sum_g w_g log r_g under sum_g w_g r_g <= B is largest at equal r_g), and the knapsack departs from it only
+    where the table (a width that runs faster than a wider one) or the scores (a group whose mass sits in few
+    channels) give it reason to. The share itself (linear) makes every plan of equal time equally good there, and
+    the knapsack's choice among them was arbitrary and extreme: it stripped some groups to their limit, and lost
+    far more accuracy than the uniform cut at the same latency (benchmarks/README.md, latency_target). Counting
+    channels instead (every channel worth 1) strips the groups whose channels cost most.
     """
     s = scores.detach().double().cpu()
     s = s - min(0.0, float(s.min()))
     s = s / s.sum() if float(s.sum()) > 0 else torch.full_like(s, 1.0 / len(s))
-    top = torch.sort(s, descending=True).values
-    return weight * np.concatenate([[0.0], torch.cumsum(top, 0).numpy()])
+    share = torch.cumsum(torch.sort(s, descending=True).values, 0).clamp(max=1.0).numpy()
+    with np.errstate(divide="ignore"):
+        return weight * np.log(np.concatenate([[0.0], share]))
 
 
 # ------------------------------------------------------------------------------------------------ the planner

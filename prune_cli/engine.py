@@ -18,7 +18,7 @@ from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from prune_cli.api import TrainHooks
 from prune_cli.data import splits as D
@@ -315,28 +315,59 @@ def config_dict(cfg: TrainConfig) -> dict:
 
 @torch.no_grad()
 def recalibrate_batchnorm(
-    model: nn.Module, splits: D.Splits, *, images: int = 2048, batch_size: int = 256, device: torch.device | None = None
+    model: nn.Module,
+    data: D.Splits | Tensor,
+    *,
+    images: int = 2048,
+    batch_size: int = 256,
+    device: torch.device | None = None,
+    features: Callable[[Tensor], Tensor] | None = None,
 ) -> int:
-    """Re-estimate every BatchNorm's running mean/variance on training images (no weight changes).
+    """Re-estimate the running mean and variance of every BatchNorm in `model` by forward passes; no weight changes.
 
     Removing channels shifts the statistics the next layers see; the old running averages then mislead the model in
-    eval mode, and a short fine-tune on a small dataset does not take enough steps to forget them. Returns the number
-    of BatchNorm layers re-estimated.
+    eval mode, and a short fine-tune on a small dataset does not take enough steps to forget them (adaptive BN, Li
+    et al., EagleEye, arXiv 2007.02491). The same holds for a dynamic model whose gates moved while it trained.
+
+    Args:
+        data: `Splits` (their first `images` training images) or normalised float images (N, C, H, W), of which the
+            first `images` are used.
+        batch_size: images per forward pass. Each statistic becomes the plain average over the batches (momentum
+            None), not a moving one; a last batch of one image joins the batch before it (BatchNorm cannot normalise
+            one value per channel).
+        device: where the passes run (default: where `model`'s parameters are).
+        features: a frozen front run before `model` on each batch (SINF: the shared extractor before a cluster's
+            tail); its own BatchNorms are left as they are.
+
+    Only the BatchNorms run in training mode: dropout stays off and a dynamic model's gates keep their inference
+    behaviour. Every module's mode is restored afterwards. Returns the number of BatchNorm layers re-estimated (0,
+    with nothing changed, when there are none or fewer than two images).
     """
     device = device or next(model.parameters()).device
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not norms:
+    if isinstance(data, D.Splits):
+        x, to_input = data.train.x[:images], lambda xb: D.to_float(xb, data, device=device)
+    else:
+        x, to_input = data[:images], lambda xb: xb.to(device)
+    if not norms or len(x) < 2:
         return 0
+    modes = {m: m.training for m in model.modules()}
     momenta = [m.momentum for m in norms]
+    model.eval()
     for m in norms:
         m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches below
-    model.train()
-    n = min(images, len(splits.train))
-    sub = D.Split(splits.train.x[:n], splits.train.y[:n])
-    for x, _ in D.batches(sub, splits, batch_size, device=device):
-        model(x)
-    for m, momentum in zip(norms, momenta, strict=True):
-        m.momentum = momentum
-    model.eval()
+        m.momentum = None  # the cumulative average over the batches below
+        m.train()
+    starts = list(range(0, len(x), batch_size))
+    if len(x) - starts[-1] == 1 and len(starts) > 1:
+        starts.pop()
+    try:
+        for i in starts:
+            xb = to_input(x[i : len(x) if i == starts[-1] else i + batch_size])
+            model(features(xb) if features is not None else xb)
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        for m, training in modes.items():
+            m.training = training
     return len(norms)

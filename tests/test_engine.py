@@ -1,5 +1,6 @@
 """The training loop: it learns, it is seeded, hooks run, checkpoints resume, evaluation counts right."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -125,3 +126,55 @@ def test_bad_recipe_values():
         engine.TrainConfig(lr=0)
     with pytest.raises(BadValue):
         engine.TrainConfig(epochs=-1)
+
+
+# ----------------------------------------------------------------------------- BatchNorm re-estimation (one for all)
+def _net() -> nn.Sequential:
+    """conv -> BN -> ReLU -> dropout -> conv -> BN: the dropout sits before a BatchNorm, so its mode shows."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)
+    )
+
+
+def _plain_average(net: nn.Sequential, batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """What re-estimation must give the last BatchNorm: the mean over batches of each batch's mean and unbiased
+    variance of its input, with the first BatchNorm normalising by the batch (training mode) and dropout off."""
+    front = copy.deepcopy(net[:5]).eval()
+    front[1].train()
+    means, variances = [], []
+    with torch.no_grad():
+        for x in batches:
+            h = front(x)
+            means.append(h.mean((0, 2, 3)))
+            variances.append(h.var((0, 2, 3), unbiased=True))
+    return torch.stack(means).mean(0), torch.stack(variances).mean(0)
+
+
+def test_recalibration_is_a_plain_average_over_batches_with_dropout_off_and_modes_restored():
+    net = _net().eval()
+    x = torch.randn(11, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    # 11 images at batch 5: the last image alone would be a batch of one, so it joins the batch before (5, 6).
+    mean, var = _plain_average(net, [x[:5], x[5:]])
+    assert engine.recalibrate_batchnorm(net, x, images=11, batch_size=5) == 2
+    assert torch.allclose(net[5].running_mean, mean, atol=1e-5) and torch.allclose(net[5].running_var, var, atol=1e-5)
+    assert not any(m.training for m in net.modules()) and net[5].momentum == 0.1  # modes and momentum as they were
+    net.train()
+    engine.recalibrate_batchnorm(net, x, images=11, batch_size=5)
+    assert all(m.training for m in net.modules())
+
+
+def test_recalibration_takes_splits_or_images_and_a_frozen_front():
+    s = D.make_splits(D.load_dataset("digits"), seed=0)
+    a, b = small_model(s), small_model(s)
+    b.load_state_dict(a.state_dict())
+    assert engine.recalibrate_batchnorm(a, s, images=100, batch_size=32) > 0
+    engine.recalibrate_batchnorm(b, D.to_float(s.train.x[:300], s), images=100, batch_size=32)
+    assert all(torch.allclose(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    # A frozen front (SINF's extractor): its BatchNorm is left alone, the rest sees its output.
+    front, tail = _net()[:2].eval(), _net()[2:].eval()
+    before = front[1].running_mean.clone()
+    x = torch.randn(8, 1, 8, 8)
+    assert engine.recalibrate_batchnorm(tail, x, images=8, features=front) == 1
+    assert torch.equal(front[1].running_mean, before) and tail[3].num_batches_tracked == 1
+    assert engine.recalibrate_batchnorm(tail, x[:1], features=front) == 0  # one image: nothing to estimate

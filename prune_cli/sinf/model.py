@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from criteria.dcs import DCSOptions, dcs_scores
 from prune_cli.api import ChannelGroup
 from prune_cli.data import splits as D
+from prune_cli.engine import recalibrate_batchnorm
 from prune_cli.errors import BadModelFile, BadValue, PruneCliError, UnsupportedGraph
 from prune_cli.store.files import atomic_write, write_text
 from prune_cli.surgery.split import Candidate, attach_candidates, gap_features, node_index, split, trace
@@ -348,38 +349,11 @@ def make_subgraphs(
         pruned.eval()
         tail = split(trace(pruned), cut)[1]
         if extractor is not None and bn_images is not None:
-            recalibrate_bn(tail, extractor, bn_images(m))
+            x = bn_images(m)
+            recalibrate_batchnorm(tail.eval(), x, images=len(x), batch_size=128, features=extractor)
         tails.append(tail)
         widths.append(module_widths(pruned))
     return tails, widths
-
-
-@torch.no_grad()
-def recalibrate_bn(tail: nn.Module, extractor: nn.Module, x: Tensor, batch_size: int = 128) -> None:
-    """Re-estimate the running statistics of the BatchNorms in `tail` on extractor(x); no weight changes.
-
-    Removing channels shifts the statistics every later BatchNorm sees, and without fine-tuning the stale
-    ones dominate the error (adaptive BN, Li et al., EagleEye, arXiv 2007.02491). Forward passes only.
-    """
-    norms = [m for m in tail.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms or len(x) < 2:
-        return
-    device = next(extractor.parameters()).device
-    tail.eval()
-    momenta = [bn.momentum for bn in norms]
-    for bn in norms:
-        bn.reset_running_stats()
-        bn.momentum = None  # a cumulative average over the batches
-        bn.train()
-    starts = list(range(0, len(x), batch_size))
-    if len(x) - starts[-1] < 2 and len(starts) > 1:  # BatchNorm cannot normalise a batch of one
-        starts.pop()
-    for i in starts:
-        j = len(x) if i == starts[-1] else i + batch_size
-        tail(extractor(x[i:j].to(device)))
-    for bn, momentum in zip(norms, momenta, strict=True):
-        bn.momentum = momentum
-        bn.eval()
 
 
 def images(split_: D.Split, splits: D.Splits, index: Tensor | None = None) -> Tensor:

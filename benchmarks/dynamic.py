@@ -39,8 +39,8 @@ from torch.fx.experimental.optimization import fuse
 import models
 from criteria import haste, manidp, manidp_train
 from prune_cli.api import Context, Target
+from prune_cli.api.dynamic import forward_with_macs, per_input_macs
 from prune_cli.data import splits as D
-from prune_cli.dynamic import forward_with_macs, per_input_macs
 from prune_cli.run import steps as pipeline
 from prune_cli.store.modelfile import load_model
 

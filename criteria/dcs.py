@@ -32,9 +32,9 @@ is an option, recorded with the run:
 - A cluster with a single class has nothing to discriminate inside it: its channels are scored by how
   well they separate that class from all the others (one-vs-rest).
 
-`dcs_scores` (all groups, any subset of classes) is the public entry point SINF calls per cluster;
-`pooled_activations` + `channel_scores` split it so that SINF captures activations once and fits one
-discriminant per cluster.
+`dcs_scores` (all groups, any subset of classes) is the entry point SINF calls per cluster, through the registry
+(`get_criterion("dcs")(options).scores`); `pooled_activations` + `channel_scores` split it, to capture activations
+once and fit one discriminant per cluster.
 """
 
 from __future__ import annotations
@@ -108,6 +108,15 @@ class DCS(Criterion):
                 f" images, {self.options.probe} probe, q={self.options.q}")  # fmt: skip
         scores = dcs_scores(ctx.model, ctx.groups, calib.x, calib.y, options=self.options, device=ctx.device)
         return Scores(scores)
+
+    def scores(
+        self, model: nn.Module, groups: Sequence[ChannelGroup], x: Tensor, y: Tensor,
+        classes: Iterable[int] | None = None, device: torch.device | str = "cpu",
+    ) -> dict[str, Tensor]:  # fmt: skip
+        """`dcs_scores` with this instance's options: {group id: (size,) in [0, 1]} for the class set `classes`
+        (None = all) from images x (N, C, H, W) and labels y (N,). SINF scores each semantic cluster this way,
+        reaching the criterion through the registry."""
+        return dcs_scores(model, groups, x, y, classes=classes, options=self.options, device=device)
 
 
 # ------------------------------------------------------------------------------------------ activations

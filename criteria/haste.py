@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prune_cli.api import Context, Criterion, Dynamic, register_criterion
-from prune_cli.dynamic import DynamicModule, per_input_macs
+from prune_cli.api import Context, Dynamic, DynamicCriterion, register_criterion
+from prune_cli.api.dynamic import DynamicModule, per_input_macs
 from prune_cli.errors import BadValue, TargetUnreachable
 
 MAX_HYPERPLANES = 62  # codes are packed into one int64
@@ -315,11 +315,10 @@ def set_hyperplanes(model: nn.Module, n: int) -> None:
 
 
 @register_criterion()
-class Haste(Criterion):
+class Haste(DynamicCriterion):
     name = "haste"
     paper = "2309.17211"
     needs = frozenset()
-    dynamic = True
     summary = "data-free per-input channel merging by LSH (dynamic; L hyperplanes set the cost)"
 
     @dataclass(frozen=True)
@@ -366,7 +365,7 @@ class Haste(Criterion):
             m.active = L
         ctx.log(f"haste: L = {L} hyperplanes in {len(names)} layers from {names[0]}")
         config = {"criterion": self.name, "tile": o.tile, "center": o.center, "layers": {n: L for n in names}}
-        return Dynamic(model=model, hooks=None, extra={"rebuild": config, "hyperplanes": L, "search": search})
+        return Dynamic(model=model, hooks=None, config=config, extra={"hyperplanes": L, "search": search})
 
     def search(self, model: nn.Module, ctx: Context) -> tuple[int, dict[str, Any]]:
         """The largest L whose mean per-input MACs on noise images meet the target (bisection; monotone in L)."""

@@ -23,7 +23,7 @@ found by the shared selection's bisection on the cost model so that the plan mee
 4. The group is pruned in the current model with the refit weights, and the next group is processed.
 
 The Plan's overrides are the final weights (and bias / BN running mean) of every refit consumer, read from the
-sequentially pruned model, so `surgery.prune(model, x, keep, overrides)` rebuilds exactly that model.
+sequentially pruned model, so `ctx.prune(keep, overrides)` rebuilds exactly that model.
 
 Consumers: convs (groups=1, zero padding, the group covering the whole input dim) and Linears (a channel owns its
 `expand` input features after a flatten, one sample per image) are handled the same way; a group read by several
@@ -55,10 +55,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from criteria.similarity import following_norms, uniform_counts
 from prune_cli.api import ChannelGroup, Context, Criterion, Member, Plan, register_criterion
+from prune_cli.api.graph import following_norms
+from prune_cli.api.selection import uniform_counts
 from prune_cli.errors import BadValue
-from prune_cli.surgery import prune
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ class Lasso(Criterion):
             if consumers is None:
                 kept = _l1_keep(g, dict(current.named_modules()), k)
                 ctx.log(f"lasso: group {g.id} has a consumer that cannot be refit; kept its largest-L1 filters")
-                current = prune(current, ctx.example_input, {g.id: kept})
+                current = ctx.prune({g.id: kept}, model=current)
             else:
                 samples = _sample(original, current, consumers, rows, images, o, ctx, salt=step, residual=residual)
                 kept = select_channels(samples, k, o, seed=ctx.seed + step)
@@ -138,7 +138,7 @@ class Lasso(Criterion):
                     for c in consumers:
                         overrides.update(self._refit(c, samples[c.module], kept, current, original, follow))
                     touched.update(overrides)
-                current = prune(current, ctx.example_input, {g.id: kept}, overrides)
+                current = ctx.prune({g.id: kept}, overrides, model=current)
             keep[g.id] = kept
             advance(1)
         state = current.state_dict()

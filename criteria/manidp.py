@@ -5,8 +5,10 @@ Gates (METHODS.md section 8): every gated conv gets a gate computed from the con
     p = GAP(z);  h = ReLU(W1 p);  pi = min(ReLU(W2 h + b2), clamp_max)        (W1: hidden x C_in, no bias)
 with hidden = C_out if C_out < 80 else C_out / squeeze_rate, b2 initialised to 1.0, and the mask
     m = pi * 1[pi >= xi_l]                                                    (kept channels are scaled by pi)
-applied to the output of the conv's BatchNorm (before the ReLU, which commutes with m >= 0). ResNet basic blocks:
-both convs; VGG: every conv but the stem. Shortcuts, the stem and the classifier are never gated.
+applied to the output of the conv's BatchNorm (before the ReLU, which commutes with m >= 0). Where the gates go is
+read from the model's structure (criteria/manidp_sites.py): in ResNet blocks (basic or bottleneck, prune-cli's or
+torchvision's) every conv of the block's own path; in VGGs every conv but the stem. Shortcuts, the stem and the
+classifier are never gated.
 
 Loss (hooks.extra_loss, added to the engine's mean cross entropy):
     lambda * sum_l mean_i(beta_i * mean_c pi_ic) + eta * sum_l ||T_l - R_l||_F^2 / B^2
@@ -46,7 +48,7 @@ conv costs t^2 of its MACs when its input is gated too, t otherwise). The realis
 Inference: batch 1 in eval mode without autograd really skips masked channels, computing only kept channels end
 to end (`GatedConv2d.compact`): each gated conv runs on the kept input channels into the kept output channels, with
 its BatchNorm folded in and the kept channels' scales applied after the ReLU; its gate pools only the kept input
-channels (the others are zero). A ResNet block (`GatedBasicBlock`) passes conv1's kept channels to conv2 and adds
+channels (the others are zero). A ResNet basic block (`GatedBlock`) passes conv1's kept channels to conv2 and adds
 conv2's into the shortcut by index; VGG features (`GatedFeatures`) carry them through max-pools to the next gated
 conv. No full-width zero tensor, BatchNorm or mask product is computed. The folded weights' slices are cached per
 pair of kept sets (`Folded`), so an input whose gates choose sets seen before gathers no weights. Batches, training
@@ -77,12 +79,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from criteria.manidp_sites import BlockPlan, block_plan, features_plan, gate_sites
 from criteria.manidp_train import ManiDPHooks, estimate_remain
-from models.resnet import BasicBlock, Bottleneck
-from models.vgg import VGG
-from prune_cli import surgery
-from prune_cli.api import Context, Criterion, Dynamic, register_criterion
-from prune_cli.dynamic import DynamicModule
+from prune_cli.api import Context, Dynamic, DynamicCriterion, register_criterion
+from prune_cli.api.dynamic import DynamicModule, analysing
 from prune_cli.errors import BadValue
 
 THRESHOLD_INIT = -10000.0
@@ -215,7 +215,7 @@ class GatedConv2d(DynamicModule, nn.Conv2d):
         self.last_saliency, self.last_mask, self.last_kept = pi, mask, None  # last_kept: compact steps only
         prev = self.prev
         in_mask = prev.last_mask if prev is not None else None
-        y = super().forward(x)  # batch-1 inference skips channels one level up (GatedBasicBlock, GatedFeatures)
+        y = super().forward(x)  # batch-1 inference skips channels one level up (GatedBlock, GatedFeatures)
         shape = (x.shape[1], x.shape[2] * x.shape[3], y.shape[2] * y.shape[3])
         self.record_lazy(lambda: self._costs(mask.detach(), in_mask, *shape))
         return y
@@ -336,28 +336,44 @@ def _compact_ok(x: object, module: nn.Module) -> bool:
         and x.shape[0] == 1
         and not module.training
         and not torch.is_grad_enabled()
-        and not surgery.analysing()
+        and not analysing()
     )
 
 
-class GatedBasicBlock(BasicBlock):
-    """A BasicBlock whose two convs are GatedConv2d. Compact batch-1 inference (module docstring): only conv1's kept
-    channels reach conv2, and conv2's kept outputs are added into the shortcut by index. Otherwise the
-    BasicBlock's forward runs (gates and masks applied by the gated convs and their BatchNorm hooks)."""
+class GatedBlock(nn.Module):
+    """Mixed into a residual block whose two convs are GatedConv2d (`gated_block_class`; the block's `_compact` is
+    its `BlockPlan`). Compact batch-1 inference (module docstring): only conv1's kept channels reach conv2, and
+    conv2's kept outputs are added into the shortcut by index. Otherwise the block's own forward runs (gates and
+    masks applied by the gated convs and their BatchNorm hooks)."""
+
+    base_class: type[nn.Module]
 
     def forward(self, x: Tensor) -> Tensor:
         if not _compact_ok(x, self):
             return super().forward(x)
-        shortcut = self.shortcut(x)
-        y, k1 = self.conv1.compact(x, None, self.bn1, relu=True)
-        z, k2 = self.conv2.compact(y, k1, self.bn2, relu=False)
+        plan: BlockPlan = self.__dict__["_compact"]
+        shortcut = x if plan.shortcut is None else getattr(self, plan.shortcut)(x)
+        y, k1 = getattr(self, plan.conv1).compact(x, None, getattr(self, plan.bn1), relu=True)
+        z, k2 = getattr(self, plan.conv2).compact(y, k1, getattr(self, plan.bn2), relu=False)
         return shortcut.index_add(1, k2.index, z).relu_()
+
+
+_GATED_BLOCKS: dict[type[nn.Module], type[GatedBlock]] = {}
+
+
+def gated_block_class(cls: type[nn.Module]) -> type[GatedBlock]:
+    """`Gated<cls>`: `cls` with GatedBlock's forward in front (same attributes and state dict), made once per class,
+    so that any block class the sites recognise (prune-cli's BasicBlock, torchvision's) runs compact."""
+    if cls not in _GATED_BLOCKS:
+        attrs = {"base_class": cls, "__module__": __name__}
+        _GATED_BLOCKS[cls] = type(f"Gated{cls.__name__}", (GatedBlock, cls), attrs)
+    return _GATED_BLOCKS[cls]
 
 
 class GatedFeatures(nn.Sequential):
     """VGG features with gated convs. Compact batch-1 inference: each gated conv -> BatchNorm -> ReLU runs as one
     folded conv on the kept channels, and the kept channels are carried through max-pools and ReLUs into the next
-    gated conv (as `_gate_sites` pairs them); anywhere else, and at the end, the tensor is scattered to full width."""
+    gated conv (as `features_plan` checked); anywhere else, and at the end, the tensor is scattered to full width."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not _compact_ok(x, self):
@@ -365,7 +381,7 @@ class GatedFeatures(nn.Sequential):
         layers, kept, i = list(self), None, 0
         while i < len(layers):
             m = layers[i]
-            if isinstance(m, GatedConv2d):  # _gate_sites checked that a BatchNorm and a ReLU follow
+            if isinstance(m, GatedConv2d):  # features_plan checked that its BatchNorm and a ReLU follow
                 x, kept = m.compact(x, kept, layers[i + 1], relu=True)
                 width = m.out_channels
                 i += 3
@@ -392,58 +408,53 @@ def gated_layers(model: nn.Module) -> list[GatedConv2d]:
     return [m for m in model.modules() if isinstance(m, GatedConv2d)]
 
 
-def _gate_sites(model: nn.Module) -> list[tuple[nn.Module, str, str, str | None, bool]]:
-    """(parent, conv attr, bn attr, attr of the conv gating this conv's input or None, relu after bn)."""
-    sites = []
-    if isinstance(model, VGG):
-        feats = model.features
-        if type(feats) is nn.Sequential:
-            feats.__class__ = GatedFeatures  # same modules and state dict; a compact batch-1 forward
-        names = [n for n, m in feats.named_children() if isinstance(m, nn.Conv2d)]
-        previous = None
-        for i, n in enumerate(names):
-            j = int(n)
-            if not (isinstance(feats[j + 1], nn.BatchNorm2d) and isinstance(feats[j + 2], nn.ReLU)):
-                raise BadValue("ManiDP on VGG needs conv -> BatchNorm -> ReLU in every stage")
-            if i > 0:  # the stem is never gated
-                between = [feats[k] for k in range(int(names[i - 1]) + 3, j)]
-                gated_input = previous if all(isinstance(m, (nn.MaxPool2d, nn.ReLU)) for m in between) else None
-                sites.append((feats, n, str(j + 1), gated_input, True))
-                previous = n
-        return sites
-    blocks = [m for m in model.modules() if isinstance(m, BasicBlock)]
-    if not blocks or any(isinstance(m, Bottleneck) for m in model.modules()):
-        raise BadValue("ManiDP supports prune-cli's basic-block ResNets (resnet20/32/56/110/18/34) and VGGs")
-    for b in blocks:
-        if type(b) is BasicBlock:
-            b.__class__ = GatedBasicBlock  # same attributes and state dict; a compact batch-1 forward
-        sites.append((b, "conv1", "bn1", None, True))
-        sites.append((b, "conv2", "bn2", "conv1", False))
-    return sites
+def _install_compact(model: nn.Module, sites: list) -> None:
+    """Give the blocks and plain Sequentials that `block_plan` / `features_plan` recognise their compact batch-1
+    forward (a class swap: same modules and state dict)."""
+    by_conv = {site.conv: site for site in sites}
+    for name, m in list(model.named_modules()):
+        if type(m) is nn.Sequential:
+            if features_plan(m, by_conv, name):
+                m.__class__ = GatedFeatures
+            continue
+        gated = {f"{name}.{c}".lstrip("."): c for c, _ in m.named_children()}  # full name -> attribute
+        gated = {full: c for full, c in gated.items() if full in by_conv}
+        for conv2, attr in gated.items():
+            prev = by_conv[conv2].prev
+            plan = block_plan(m, gated[prev], attr) if prev in gated else None
+            if plan is not None:
+                m.__class__ = gated_block_class(type(m))
+                m.__dict__["_compact"] = plan
+                break
 
 
 def wrap(model: nn.Module, config: Mapping[str, Any], generator: torch.Generator | None = None) -> nn.Module:
     """Gate `model` in place as `config` says (squeeze_rate, clamp_max, gate_init; `hidden`: {conv name: hidden
     width} for gates whose conv lost channels to `static_below`, which keep the hidden width they were trained with)."""
     squeeze, clamp_max = int(config.get("squeeze_rate", 2)), float(config.get("clamp_max", 1000.0))
-    names, hidden = {id(m): n for n, m in model.named_modules()}, config.get("hidden") or {}
-    for parent, conv_name, bn_name, prev_name, relu in _gate_sites(model):
-        conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
-        prev = getattr(parent, prev_name) if prev_name is not None else None
-        width = hidden.get(names[id(conv)]) or hidden_width(conv.out_channels, squeeze)
+    hidden = config.get("hidden") or {}
+    sites = gate_sites(model)
+    if not sites:
+        raise BadValue("ManiDP found no conv to gate: it gates convs that a BatchNorm alone reads, after the stem")
+    gated_convs: dict[str, GatedConv2d] = {}
+    for site in sites:
+        conv, bn = model.get_submodule(site.conv), model.get_submodule(site.bn)
+        prev = gated_convs[site.prev] if site.prev is not None else None
+        width = hidden.get(site.conv) or hidden_width(conv.out_channels, squeeze)
         gated = GatedConv2d.from_conv(conv, int(width), clamp_max, prev)
         gated.gate.reset(config.get("gate_init", "identity"), generator)
-        setattr(parent, conv_name, gated)
-        gated.attach_norm(bn, relu)
+        parent, _, attr = site.conv.rpartition(".")
+        setattr(model.get_submodule(parent), attr, gated)
+        gated.attach_norm(bn, site.relu)
+        gated_convs[site.conv] = gated
+    _install_compact(model, sites)
     return model
 
-
 @register_criterion()
-class ManiDP(Criterion):
+class ManiDP(DynamicCriterion):
     name = "manidp"
     paper = "2103.05861"
     needs = frozenset({"data", "labels", "train"})
-    dynamic = True
     summary = "learned per-input channel gates with a manifold (similarity) regulariser (dynamic; trains)"
 
     @dataclass(frozen=True)
@@ -496,10 +507,10 @@ class ManiDP(Criterion):
                             bn_images=ctx.require_calib().x.to(ctx.device) if o.bn_refresh else None)  # fmt: skip
         n_gated = len(gated_layers(model))
         ctx.log(f"manidp: {n_gated} gated convs, target remain rate {remain:.3f}, C = {complexity:.4f}")
-        extra = {"rebuild": config, "remain": remain, "complexity": complexity}
+        extra = {"remain": remain, "complexity": complexity}
         if o.static_below > 0:
             extra["finalize"] = functools.partial(_finalize, ctx=ctx, below=o.static_below, config=config)
-        return Dynamic(model=model, hooks=hooks, extra=extra)
+        return Dynamic(model=model, hooks=hooks, config=config, extra=extra)
 
     @classmethod
     def rebuild(cls, model: nn.Module, config: dict[str, Any]) -> nn.Module:

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from criteria.manidp import GatedBasicBlock, GatedConv2d, GatedFeatures, conv_sharing_weights, gated_layers, wrap
-from models.resnet import BasicBlock
-from prune_cli import metrics, surgery
-from prune_cli.dynamic import keep_masks
+from criteria.manidp import GatedBlock, GatedConv2d, GatedFeatures, conv_sharing_weights, gated_layers, wrap
+from prune_cli.api import ChannelGroup
+from prune_cli.api.dynamic import keep_masks
+from prune_cli.api.graph import CostModel, prune
 
 
 def strip(model: nn.Module) -> nn.Module:
@@ -45,19 +45,21 @@ def strip(model: nn.Module) -> nn.Module:
             hooks = m._forward_hooks
             for key in [k for k, h in hooks.items() if isinstance(getattr(h, "__self__", None), GatedConv2d)]:
                 del hooks[key]
-        if type(m) is GatedBasicBlock:
-            m.__class__ = BasicBlock
+        if isinstance(m, GatedBlock):
+            m.__class__ = m.base_class
+            m.__dict__.pop("_compact", None)
         elif type(m) is GatedFeatures:
             m.__class__ = nn.Sequential
     return plain
 
 
-def removable(plain: nn.Module, example_input: Tensor, freq: Mapping[str, Tensor], below: float) -> dict[str, Tensor]:
-    """{group id: kept channel indices} for the groups that lose channels: those whose producers are all gated convs
-    (their names in `freq`: per channel the share of inputs that kept it, (C,)) and that feed no residual sum; a
-    channel goes when every producer keeps it for fewer than `below` of the inputs. At least one channel stays."""
+def removable(groups: list[ChannelGroup], freq: Mapping[str, Tensor], below: float) -> dict[str, Tensor]:
+    """{group id: kept channel indices} for the `groups` (the plain model's) that lose channels: those whose
+    producers are all gated convs (their names in `freq`: per channel the share of inputs that kept it, (C,)) and
+    that feed no residual sum; a channel goes when every producer keeps it for fewer than `below` of the inputs. At
+    least one channel stays."""
     keep = {}
-    for g in surgery.channel_groups(plain, example_input):
+    for g in groups:
         producers = g.producers
         if not g.prunable or g.residual or not producers or any(m.offset for m in g.members):
             continue
@@ -83,8 +85,9 @@ def to_static(
     named = {n: m for n, m in model.named_modules() if isinstance(m, GatedConv2d)}
     freq = {n: k.float().mean(0) for n, k in keep_masks(model, calib_x).items()}
     plain = strip(model)
-    keep = removable(plain, example_input, freq, below)
-    groups = {g.id: g for g in surgery.channel_groups(plain, example_input)}
+    cost = CostModel(plain, example_input)
+    keep = removable(cost.groups, freq, below)
+    groups = {g.id: g for g in cost.groups}
     out_idx: dict[str, Tensor] = {}
     in_idx: dict[str, Tensor] = {}
     for gid, kept in keep.items():
@@ -101,7 +104,7 @@ def to_static(
     if not keep:
         small, result = plain, model
     else:
-        small = surgery.prune(plain, example_input, keep, groups=list(groups.values()))
+        small = prune(plain, example_input, keep, groups=list(groups.values()))
         hidden = {n: int(c.gate.w1.shape[1]) for n, c in named.items()}
         new_config = {**config, "hidden": hidden}
         result = wrap(copy.deepcopy(small), new_config)
@@ -124,6 +127,6 @@ def to_static(
                 setattr(small, attr, getattr(model, attr))
     result.train(model.training)
     small.eval()
-    x = example_input[:1]
-    report.update(macs=metrics.count_macs(small, x), params=metrics.count_params(small))
+    macs, params = cost.cost({gid: len(kept) for gid, kept in keep.items()})  # conv and linear, as metrics counts
+    report.update(macs=macs, params=params)
     return result, small, report

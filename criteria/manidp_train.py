@@ -199,7 +199,7 @@ class ManiDPHooks(TrainHooks):
 def estimate_remain(base: nn.Module, gated: nn.Module, example_input: Tensor, keep: float) -> float:
     """t such that gated convs at t (t^2 when their input is gated too), with their gates' overhead (pooling, two FC
     layers, one product per kept output value), keep `keep` of the base model's MACs."""
-    from prune_cli.dynamic import per_input_macs
+    from prune_cli.api.dynamic import per_input_macs
 
     layers = gated_layers(gated)
     costs: dict[int, float] = {}

@@ -34,9 +34,9 @@ Decisions (METHODS.md section 2; every one is an option):
   ones at that alpha (the shared selection rescales them again only if its round-to / max-ratio differ).
 
 Reuse: damage to group g changes nothing computed before the first graph node that reads a damaged module. The
-model is traced once with torch.fx; per group the graph is cut at that node into a prefix, which returns every
-value still needed later (in a ResNet, the block input as well as the running residual), and a suffix that
-takes those values. Per calibration batch the prefix runs once and the suffix once per (level, trial), so a
+model is traced once with torch.fx; per group the graph is cut at that node (`api.graph.split`) into a prefix, which
+returns every value still needed later (in a ResNet, the block input as well as the running residual), and a suffix
+that takes those values. Per calibration batch the prefix runs once and the suffix once per (level, trial), so a
 sweep costs about (1 + sum over groups of the suffix share) full passes per evaluation rather than one each.
 Untraceable models (or `reuse=false`) evaluate the whole damaged model every time; the results are the same.
 
@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import copy
 import math
-import operator
 import time
 import zlib
 from collections.abc import Callable
@@ -61,9 +60,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prune_cli.api import Allocation, ChannelGroup, Context, Criterion, get_criterion, register_criterion
-from prune_cli.errors import BadValue
-from prune_cli.selection.plan import kept_count
-from prune_cli.surgery import CostModel
+from prune_cli.api.graph import CostModel, split, trace, writes_in_place
+from prune_cli.api.selection import kept_count
+from prune_cli.errors import BadValue, UnsupportedGraph
 
 LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -119,7 +118,7 @@ class Sensitivity(Criterion):
             vals = [r[key] for r in rows if r["group"] == g.id]
             drop = [base[key] - v if key == "accuracy" else v - base[key] for v in vals]
             sens[g.id] = sum(drop) / len(drop)
-        cost = CostModel(ctx.model, ctx.example_input)
+        cost = ctx.cost_model()
         shares = cost_shares(cost, groups, ctx.target.metric)
         rel = relative_ratios(sens, o, shares)
         rel.update({g.id: 0.0 for g in ctx.groups if g.id not in rel})  # groups outside `layers` are not pruned
@@ -181,7 +180,7 @@ def fit_alpha(
 
     An unreachable target returns the most pruning allowed; the selection then reports it to the user.
     """
-    cost = cost or CostModel(ctx.model, ctx.example_input)
+    cost = cost or ctx.cost_model()
     sizes = {g.id: g.size for g in ctx.groups}
     base = cost.base(ctx.target.metric)
 
@@ -314,9 +313,6 @@ def _damage(model: nn.Module, g: ChannelGroup, level: float, trial: int, how: st
 
 
 # ------------------------------------------------------------------------------------------------ graph cut
-_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.iand, operator.ior}
-
-
 class _Runner:
     """Splits the traced model before the first node that reads a damaged module (see the module docstring)."""
 
@@ -325,9 +321,9 @@ class _Runner:
         self.traced: fx.GraphModule | None = None
         if reuse:
             try:
-                self.traced = fx.symbolic_trace(model)
-            except Exception as exc:  # fx raises many kinds; the sweep still works on the whole model
-                log(f"sensitivity: torch.fx cannot trace the model ({type(exc).__name__}); evaluating it whole")
+                self.traced = trace(model, "the sensitivity sweep's reuse")
+            except UnsupportedGraph as exc:  # the sweep still works on the whole model
+                log(f"sensitivity: {exc}; evaluating it whole")
 
     def split(self, touched: set[str]) -> tuple[Callable[[Tensor], tuple], Callable[[tuple], Tensor]]:
         if self.traced is None:
@@ -336,8 +332,8 @@ class _Runner:
         at = next((i for i, n in enumerate(nodes) if _reads(n, touched)), None)
         if at is None:  # the damaged modules are never called: nothing to reuse, but still correct
             return (lambda x: (x,)), (lambda live: self.model(live[0]))
-        prefix, suffix, inplace = split_live(self.traced, at)
-        if inplace:  # the suffix may write into a cached value: give it a copy each time
+        prefix, suffix = split(self.traced, at)
+        if writes_in_place(suffix):  # the suffix may write into a cached value: give it a copy each time
             return prefix, lambda live: suffix(*(v.clone() if isinstance(v, Tensor) else v for v in live))
         return prefix, lambda live: suffix(*live)
 
@@ -347,40 +343,3 @@ def _reads(n: fx.Node, touched: set[str]) -> bool:
         return False
     target = str(n.target)
     return any(target == m or target.startswith(m + ".") for m in touched)
-
-
-def split_live(gm: fx.GraphModule, at: int) -> tuple[fx.GraphModule, fx.GraphModule, bool]:
-    """Cut the graph before node index `at`: (prefix, suffix, suffix has in-place ops).
-
-    prefix(x) returns a tuple of every value computed before `at` and read at or after it; suffix(*that tuple)
-    returns the model's output. Unlike graphsplit.split, any node may be the cut (values may cross it).
-    """
-    nodes = list(gm.graph.nodes)
-    head_nodes, tail_nodes = nodes[:at], nodes[at:]
-    tail_set = set(tail_nodes)
-    live = [n for n in head_nodes if n.op != "get_attr" and any(u in tail_set for u in n.users)]
-
-    head, env = fx.Graph(), {}
-    for n in head_nodes:
-        env[n] = head.node_copy(n, lambda a: env[a])
-    head.output(tuple(env[n] for n in live))
-
-    tail, tenv = fx.Graph(), {}
-    for i, n in enumerate(live):
-        tenv[n] = tail.placeholder(f"live_{i}")
-    inplace = False
-    for n in tail_nodes:
-        for a in n.all_input_nodes:  # parameters fetched before the cut are fetched again in the suffix
-            if a not in tenv and a.op == "get_attr":
-                tenv[a] = tail.node_copy(a, lambda b: tenv[b])
-        tenv[n] = tail.node_copy(n, lambda a: tenv[a])
-        inplace = inplace or _is_inplace(gm, n)
-    return fx.GraphModule(gm, head, "SensitivityPrefix"), fx.GraphModule(gm, tail, "SensitivitySuffix"), inplace
-
-
-def _is_inplace(gm: fx.GraphModule, n: fx.Node) -> bool:
-    if n.op == "call_module":
-        return bool(getattr(gm.get_submodule(str(n.target)), "inplace", False))
-    if n.op == "call_function":
-        return n.target in _INPLACE_FUNCTIONS or bool(n.kwargs.get("inplace", False))
-    return n.op == "call_method" and str(n.target).endswith("_")

@@ -53,10 +53,10 @@ from scipy.cluster.hierarchy import linkage
 from scipy.spatial.distance import squareform
 from torch import Tensor, nn
 
-from prune_cli.api import ChannelGroup, Context, Criterion, Plan, Scores, register_criterion
+from prune_cli.api import ChannelGroup, Context, Criterion, Plan, register_criterion
+from prune_cli.api.graph import following_norms
+from prune_cli.api.selection import bisect, kept_count, uniform_counts
 from prune_cli.errors import BadValue
-from prune_cli.selection.plan import bisect, kept_count, select
-from prune_cli.surgery import CostModel, prune
 
 
 @dataclass(frozen=True)
@@ -135,38 +135,6 @@ class Similarity(Criterion):
 
 
 # ---------------------------------------------------------------------------------------------- distances
-@torch.no_grad()
-def following_norms(model: nn.Module, example_input: Tensor) -> dict[str, str]:
-    """{conv/linear name: name of the BatchNorm that reads its output directly}, found by one traced forward."""
-    modules = dict(model.named_modules())
-    # id -> (name, output): holding the output keeps its id from being reused by a later tensor (densenet's
-    # concatenations once matched a freed conv output's id, giving that conv a BatchNorm it does not feed)
-    outputs: dict[int, tuple[str, Tensor]] = {}
-    found: dict[str, str] = {}
-    handles = []
-    for name, m in modules.items():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            handles.append(
-                m.register_forward_hook(lambda _m, _a, out, name=name: outputs.__setitem__(id(out), (name, out)))
-            )
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-
-            def pre(_m, args, name=name):
-                if id(args[0]) in outputs:
-                    found[outputs[id(args[0])][0]] = name
-
-            handles.append(m.register_forward_pre_hook(pre))
-    was_training = model.training
-    try:
-        model.eval()
-        model(example_input)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return found
-
-
 def producer_stats(
     group: ChannelGroup, modules: Mapping[str, nn.Module], follow: Mapping[str, str]
 ) -> list[tuple[Tensor, Tensor, Tensor, bool]]:
@@ -238,8 +206,6 @@ def empirical_moments(
 ) -> dict[str, Tensor]:
     """{group id: sum over producers of E[y y^T] (C, C)}, y = the BN output (or the producer's output without BN)
     per image and position, on the first `images` calibration images."""
-    calib = ctx.require_calib()
-    modules = dict(ctx.model.named_modules())
     sums: dict[tuple[str, str], Tensor] = {}
     counts: dict[tuple[str, str], int] = {}
     sites: dict[str, list[tuple[str, str, slice]]] = {}  # module whose output is y -> [(group, producer, slice)]
@@ -249,25 +215,14 @@ def empirical_moments(
             sites.setdefault(site, []).append((g.id, p.module, slice(p.offset, p.offset + g.size)))
             sums[g.id, p.module] = torch.zeros(g.size, g.size, dtype=torch.float64)
             counts[g.id, p.module] = 0
-
-    def hook(site: str):
-        def fn(_m, _a, out):
-            y = out.detach().double()
+    for outputs in ctx.iter_module_outputs(list(sites), batch_size, images):
+        for site, out in outputs.items():
+            y = out.double()
             y = y.transpose(0, 1).reshape(y.shape[1], -1)  # (channels, images * positions)
             for gid, prod, sl in sites[site]:
                 part = y[sl]
-                sums[gid, prod] += part @ part.T
+                sums[gid, prod] += (part @ part.T).cpu()
                 counts[gid, prod] += part.shape[1]
-
-        return fn
-
-    handles = [modules[s].register_forward_hook(hook(s)) for s in sites]
-    try:
-        for x, _ in calib.batches(batch_size, images):
-            ctx.model(x.to(ctx.device))
-    finally:
-        for h in handles:
-            h.remove()
     out = {}
     for g in groups:
         out[g.id] = sum(sums[g.id, p.module] / max(counts[g.id, p.module], 1) for p in g.producers)
@@ -275,21 +230,12 @@ def empirical_moments(
 
 
 # ---------------------------------------------------------------------------------------------- allocation
-def uniform_counts(ctx: Context, max_ratio: float = 0.9) -> dict[str, int]:
-    """Kept channels per group in scope for the one uniform ratio that meets ctx.target (the shared selection's
-    bisection on the cost model)."""
-    zeros = Scores({g.id: torch.zeros(g.size) for g in ctx.groups})
-    sel = select(ctx.model, ctx.example_input, list(ctx.groups), zeros, ctx.target, mode="uniform",
-                 max_ratio=max_ratio)  # fmt: skip
-    return {g.id: len(sel.keep[g.id]) if g.id in sel.keep else g.size for g in ctx.groups}
-
-
 def _threshold_counts(
     ctx: Context, groups: list[ChannelGroup], trees: Mapping[str, np.ndarray], scales: Mapping[str, float],
     o: SimilarityOptions,
 ) -> dict[str, int]:  # fmt: skip
     """Cluster counts at the smallest global threshold tau (on per-group normalised distances) meeting the target."""
-    cost = CostModel(ctx.model, ctx.example_input)
+    cost = ctx.cost_model()
     base = cost.base(ctx.target.metric)
     heights = {gid: np.sort(z[:, 2] / scales[gid]) for gid, z in trees.items()}
     floor = {g.id: kept_count(g.size, o.max_ratio, 1, o.max_ratio) for g in groups}
@@ -358,5 +304,5 @@ def merged_overrides(
                 dst = slice(c.offset + r * c.expand, c.offset + (r + 1) * c.expand)
                 for j in removed:
                     w[:, dst] += w[:, c.offset + j * c.expand : c.offset + (j + 1) * c.expand]
-    pruned = prune(merged, ctx.example_input, keep, groups=list(ctx.all_groups))
+    pruned = ctx.prune(keep, model=merged)
     return {f"{name}.weight": pruned.get_submodule(name).weight.detach().clone() for name in sorted(touched)}

@@ -154,7 +154,7 @@ def per_input_macs(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
 
     For a static model every input costs the same; dynamic models (HASTE, ManiDP) report their own.
     """
-    from prune_cli import dynamic
+    from prune_cli.api import dynamic
 
     if dynamic.is_dynamic(model):
         return dynamic.per_input_macs(model, x)

@@ -1,4 +1,4 @@
-"""The shared per-input cost protocol of dynamic models (prune_cli.dynamic)."""
+"""The shared per-input cost protocol of dynamic models (prune_cli.api.dynamic)."""
 
 import itertools
 
@@ -8,9 +8,10 @@ from helpers import concat_net
 from torch import fx, nn
 
 import models
-from prune_cli import dynamic, metrics
+from prune_cli import metrics
+from prune_cli.api.dynamic import DynamicModule, is_dynamic, per_input_macs
+from prune_cli.api.graph import trace
 from prune_cli.data.splits import load_dataset, make_splits
-from prune_cli.dynamic import DynamicModule, DynamicTracer, is_dynamic, per_input_macs
 from prune_cli.errors import UnsupportedGraph
 from prune_cli.run import steps as pipeline
 from prune_cli.surgery import channel_groups
@@ -85,11 +86,10 @@ def test_lazy_record_is_evaluated_once_on_read():
 
 def test_dynamic_modules_are_fx_leaves():
     net = Net().eval()
-    gm = dynamic.trace(net)
+    gm = trace(net)  # the project's one fx trace
     assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["stem", "dyn", "fc"]
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(gm(x), net(x))
-    assert isinstance(DynamicTracer(), fx.Tracer)
     with pytest.raises(UnsupportedGraph, match="fx leaf"):
         fx.symbolic_trace(net)  # the default tracer enters modules defined outside torch.nn
 

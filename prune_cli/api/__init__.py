@@ -16,11 +16,18 @@ A criterion is a class registered with `@register_criterion()`:
 
 Results are a closed union: `Scores` (higher = keep; the shared selection makes the plan), `Allocation`
 (per-group ratios), `Plan` (kept indices chosen by the method, with optional weight overrides keyed by the
-pruned model's parameter names) and `Dynamic` (an input-dependent model, optional training hooks).
+pruned model's parameter names) and `Dynamic` (an input-dependent model, optional training hooks). A criterion that
+returns `Dynamic` subclasses `DynamicCriterion` and says how to rebuild its model from a model file (`rebuild`).
+
+The submodules are the API too, for what several criteria share: `api.dynamic` (the per-input cost protocol of
+dynamic modules), `api.graph` (the fx trace and graph split, channel groups, physical removal, the cost model,
+which BatchNorm reads a layer's output), `api.selection` (the shared selection's kept counts and bisection). A
+criterion imports these and `prune_cli.errors`, nothing else of the project (tests/test_criteria_imports.py).
 """
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -156,31 +163,72 @@ class Context:
             raise PruneCliError("this criterion needs calibration data, but none was given")
         return self.calib
 
-    @torch.no_grad()
-    def module_outputs(
-        self, names: Sequence[str], batch_size: int = 256, limit: int | None = None, inputs: bool = False
-    ) -> dict[str, Tensor]:
-        """Outputs (or inputs) of the named modules on the calibration images, concatenated over batches.
+    def cost_model(self):
+        """The cost model (`api.graph.CostModel`) of the context's model and example input: MACs and params of any
+        kept count per group, without building the smaller model. Built once per context."""
+        cached = self.__dict__.get("_cost_model")
+        if cached is None:
+            from prune_cli.surgery.cost import CostModel  # late: surgery imports this module
 
-        Returns {name: (N, ...)} on the CPU. Memory grows with N; pass `limit` for large layers.
-        """
+            cached = CostModel(self.model, self.example_input)
+            object.__setattr__(self, "_cost_model", cached)
+        return cached
+
+    def prune(
+        self,
+        keep: Mapping[str, Tensor],
+        overrides: Mapping[str, Tensor] | None = None,
+        *,
+        model: nn.Module | None = None,
+    ) -> nn.Module:
+        """A physically smaller copy of the context's model keeping, per group id in `keep`, the given channel
+        indices (sorted, int64); groups not named keep all. `overrides` replaces parameters or buffers of the pruned
+        model by name. `model`: prune this model instead, a copy of the context's model with other weights or with
+        groups already pruned (its channel groups are found again). The model pruned is left untouched."""
+        from prune_cli.surgery.apply import prune  # late: surgery imports this module
+
+        if model is None:
+            return prune(self.model, self.example_input, keep, overrides, groups=list(self.all_groups))
+        return prune(model, self.example_input, keep, overrides)
+
+    @torch.no_grad()
+    def iter_module_outputs(
+        self, names: Sequence[str], batch_size: int = 256, limit: int | None = None, inputs: bool = False
+    ) -> Iterator[dict[str, Tensor]]:
+        """Per batch of calibration images, the outputs (or inputs) of the named modules: {name: (n, ...)} on the
+        device, detached. For statistics accumulated over the batches, whose memory does not grow with N."""
         calib = self.require_calib()
         modules = dict(self.model.named_modules())
-        captured: dict[str, list[Tensor]] = {n: [] for n in names}
+        captured: dict[str, Tensor] = {}
 
         def hook(name: str):
             def fn(_module, args, output):
-                captured[name].append((args[0] if inputs else output).detach().cpu())
+                captured[name] = (args[0] if inputs else output).detach()
 
             return fn
 
         handles = [modules[n].register_forward_hook(hook(n)) for n in names]
         try:
             for x, _ in calib.batches(batch_size, limit):
+                captured.clear()
                 self.model(x.to(self.device))
+                yield {n: captured[n] for n in names}
         finally:
             for h in handles:
                 h.remove()
+
+    def module_outputs(
+        self, names: Sequence[str], batch_size: int = 256, limit: int | None = None, inputs: bool = False
+    ) -> dict[str, Tensor]:
+        """Outputs (or inputs) of the named modules on the calibration images, concatenated over batches.
+
+        Returns {name: (N, ...)} on the CPU. Memory grows with N; pass `limit` for large layers, or accumulate
+        statistics batch by batch with `iter_module_outputs`.
+        """
+        captured: dict[str, list[Tensor]] = {n: [] for n in names}
+        for batch in self.iter_module_outputs(names, batch_size, limit, inputs):
+            for n, t in batch.items():
+                captured[n].append(t.cpu())
         return {n: torch.cat(v) for n, v in captured.items()}
 
 
@@ -242,10 +290,16 @@ class TrainHooks:
 
 @dataclass(frozen=True)
 class Dynamic:
-    """An input-dependent model. Its dynamic modules record the MACs they execute per sample."""
+    """An input-dependent model. Its dynamic modules record the MACs they execute per sample.
+
+    `config`: what the criterion's `rebuild` needs to turn a freshly built base model back into this model before
+    its weights are loaded (JSON-serialisable; the model file keeps it, with the criterion's name under
+    "criterion"). `extra`: anything else the run reports or calls (e.g. a `finalize` step after training).
+    """
 
     model: nn.Module
     hooks: TrainHooks | None = None
+    config: Mapping[str, Any] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -274,6 +328,20 @@ class Criterion:
         raise NotImplementedError
 
 
+class DynamicCriterion(Criterion, abc.ABC):
+    """Base class of criteria that return `Dynamic`: an input-dependent model whose cost target is per input, met
+    by the method itself. A model file of such a model names the criterion, and loading it calls the criterion's
+    `rebuild` through the registry."""
+
+    dynamic: ClassVar[bool] = True
+
+    @classmethod
+    @abc.abstractmethod
+    def rebuild(cls, model: nn.Module, config: Mapping[str, Any]) -> nn.Module:
+        """Turn `model`, freshly built from its factory (no weights of the run), into the dynamic model that
+        `Dynamic.config` describes, so that the saved state dict loads into it strictly. May modify `model`."""
+
+
 CRITERIA: Registry[type[Criterion]] = Registry("criterion", entry_point_group="prune_cli.criteria")
 
 
@@ -283,6 +351,10 @@ def register_criterion(name: str | None = None):
     def decorate(cls: type[Criterion]) -> type[Criterion]:
         if not cls.needs <= NEEDS:
             raise TypeError(f"{cls.__name__}.needs has unknown entries {set(cls.needs - NEEDS)}")
+        if cls.dynamic and not issubclass(cls, DynamicCriterion):
+            raise TypeError(f"{cls.__name__} is dynamic: subclass DynamicCriterion (it says how to rebuild its model)")
+        if getattr(cls, "__abstractmethods__", None):
+            raise TypeError(f"{cls.__name__} does not implement {', '.join(sorted(cls.__abstractmethods__))}")
         return CRITERIA.register(name or cls.name)(cls)
 
     return decorate
@@ -322,9 +394,11 @@ def check_result(result: Result, groups: Sequence[ChannelGroup]) -> Result:
                     raise PruneCliError(f"plan for group {gid!r} has indices outside [0, {g.size})")
                 if idx.unique().numel() != idx.numel() or not bool((idx[1:] > idx[:-1]).all()):
                     raise PruneCliError(f"plan for group {gid!r} must hold sorted, unique indices")
-        case Dynamic(model=model):
+        case Dynamic(model=model, config=config):
             if not isinstance(model, nn.Module):
                 raise PruneCliError("a Dynamic result must hold an nn.Module")
+            if config is not None and not isinstance(config, Mapping):
+                raise PruneCliError("a Dynamic result's config must be a mapping (what `rebuild` reads)")
         case _:
             raise PruneCliError(f"criterion returned {type(result).__name__}, not Scores/Allocation/Plan/Dynamic")
     return result

@@ -74,7 +74,7 @@ def build(
 
     Example: prune-cli sinf build base.safetensors --dataset fashion-mnist --rL 0.6 --rM 0.1 --out sinf/
     """
-    from criteria.dcs import DCSOptions
+    from prune_cli.api import get_criterion
     from prune_cli.config import build_dataclass, parse_key_values
     from prune_cli.run import steps as pipeline
     from prune_cli.sinf import model as sinf
@@ -96,7 +96,7 @@ def build(
         router_images=router_images,
         dcs_images_per_class=dcs_images_per_class,
         scope=scope,
-        dcs=build_dataclass(DCSOptions, parse_key_values(opt), "dcs option"),
+        dcs=build_dataclass(get_criterion("dcs").Options, parse_key_values(opt), "dcs option"),
         seed=seed,
     )
     base, dataset, splits = pipeline.load_model_and_data(

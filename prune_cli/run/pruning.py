@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prune_cli import dynamic, engine, surgery
+from prune_cli import engine, surgery
 from prune_cli.api import (
     Allocation,
     CalibData,
@@ -30,6 +30,7 @@ from prune_cli.api import (
     Scores,
     Target,
     check_result,
+    dynamic,
     get_criterion,
 )  # fmt: skip
 from prune_cli.config import build_dataclass
@@ -234,8 +235,8 @@ def run(
     if isinstance(result, Dynamic):
         pruned, hooks = result.model, result.hooks
         target_report = {"metric": "macs per input", "requested": job.target.reduction, "achieved": None}
-        if result.extra.get("rebuild"):
-            pruned.prune_cli_dynamic = dict(result.extra["rebuild"])
+        if result.config is not None:  # what the model file keeps, for the criterion's `rebuild` on load
+            pruned.prune_cli_dynamic = {"criterion": job.criterion, **result.config}
         pruned.prune_cli_arch = base.prune_cli_arch
     else:
         keep, overrides, target_report = plan_from_result(result, ctx, job, by_latency)

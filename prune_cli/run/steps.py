@@ -197,7 +197,7 @@ def measure(
     latency_seconds: float = 2.0, runtime: str = "torch",
 ) -> dict[str, Any]:  # fmt: skip
     """Parameters, MACs per image, and latency at each batch size (see `time_side_by_side`)."""
-    from prune_cli import dynamic
+    from prune_cli.api import dynamic
 
     device = device or next(model.parameters()).device
     x = example_input(splits).to(device)

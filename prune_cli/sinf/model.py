@@ -54,8 +54,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from criteria.dcs import DCSOptions, dcs_scores
-from prune_cli.api import ChannelGroup
+from prune_cli.api import ChannelGroup, get_criterion
 from prune_cli.data import splits as D
 from prune_cli.engine import recalibrate_batchnorm
 from prune_cli.errors import BadModelFile, BadValue, PruneCliError, UnsupportedGraph
@@ -83,7 +82,7 @@ class SinfConfig:
     router_images: int = 20000  # training images used to fit the router
     dcs_images_per_class: int = 256
     scope: str = "internal"
-    dcs: DCSOptions = field(default_factory=DCSOptions)
+    dcs: Any = field(default_factory=lambda: get_criterion("dcs").Options())  # the dcs criterion's Options
     seed: int = 0
 
     def __post_init__(self):
@@ -389,7 +388,7 @@ def build(
     for p in base.parameters():
         p.requires_grad_(False)
     example = images(splits.train, splits, torch.arange(1)).to(device)
-    gm = trace(base)
+    gm = trace(base, "SINF")
     num_classes = splits.num_classes
 
     # 1. clusters
@@ -434,11 +433,11 @@ def build(
     if not groups:
         raise PruneCliError(f"no prunable channel group lies after the attachment point {cand.label}")
     y_all = splits.train.y
-    scores = []
+    scores, dcs = [], get_criterion("dcs")(cfg.dcs)  # through the registry: SINF uses DCS as any criterion is used
     for m, cl in enumerate(clusters):
         idx = cluster_images(y_all, cl, cfg.dcs_images_per_class, others=len(cl) == 1)
         x_m = images(splits.train, splits, idx)
-        scores.append(dcs_scores(base, groups, x_m, y_all[idx], classes=cl, options=cfg.dcs, device=device))
+        scores.append(dcs.scores(base, groups, x_m, y_all[idx], classes=cl, device=device))
         log(f"sinf: DCS for cluster {m} ({len(cl)} classes, {len(idx)} images)")
 
     # 4. subgraphs

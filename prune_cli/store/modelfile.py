@@ -195,11 +195,14 @@ def build_architecture(
         if have != (spec["in"], spec["out"]):
             _set_module(model, name, resized(current, spec["in"], spec["out"], spec.get("groups")))
     if arch.get("dynamic"):
-        from prune_cli.api import get_criterion
+        from prune_cli.api import DynamicCriterion, get_criterion
 
         config = dict(arch["dynamic"])
+        criterion = get_criterion(config["criterion"])  # the file names it; its `rebuild` re-wraps the base model
+        if not issubclass(criterion, DynamicCriterion):
+            raise BadModelFile(f"{source}: criterion {config['criterion']!r} makes no dynamic model to rebuild")
         try:
-            model = get_criterion(config["criterion"]).rebuild(model, config)
+            model = criterion.rebuild(model, config)
         except PruneCliError:
             raise
         except Exception as exc:  # the state is data from the file: any fault in it is the file's

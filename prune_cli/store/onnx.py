@@ -46,7 +46,7 @@ def to_onnx(model: nn.Module, example_input: Tensor, opset: int = OPSET) -> byte
     A dynamic model (HASTE, ManiDP: channels chosen per input) or an operation the exporter cannot record raises
     BadValue in one line."""
     onnx, _ = require_onnx()
-    from prune_cli import dynamic
+    from prune_cli.api import dynamic
 
     if dynamic.is_dynamic(model):
         raise BadValue(

@@ -1,13 +1,18 @@
-"""Split a traced model in two at a node: `extractor` (image -> that node's value) and `tail` (that value ->
-output), so that `tail(extractor(x)) == model(x)`. Used by SINF to share early layers between subgraphs.
+"""The project's one fx trace and one graph split.
 
-Only cut vertices are valid split points: nodes after which nothing computed earlier is read again (in a
-ResNet the block outputs, in a VGG every ReLU and pooling). Both halves are `fx.GraphModule`s holding the
-original modules under their original names, so a half's state dict uses the full model's parameter names.
+`trace(model)`: `torch.fx` with the registered leaf types (dynamic modules) kept as leaves, and any failure one
+UnsupportedGraph that says why. `split(gm, at)`: the graph in two, `head` (image -> the values crossing the cut) and
+`tail` (those values -> output), so that the two compose to the model. Used by SINF (at a cut vertex, to share early
+layers between subgraphs) and by the `sensitivity` criterion (at any node, to reuse the part before a damage).
+
+Cut vertices are nodes after which nothing computed earlier is read again (in a ResNet the block outputs, in a VGG
+every ReLU and pooling). Both halves are `fx.GraphModule`s holding the original modules under their original names,
+so a half's state dict uses the full model's parameter names.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,12 +23,30 @@ from torch import Tensor, nn
 
 from prune_cli.errors import PruneCliError, UnsupportedGraph
 
+# Module types fx must not enter (input-dependent control flow): the dynamic modules register themselves.
+TRACE_LEAF_TYPES: list[type[nn.Module]] = []
 
-def trace(model: nn.Module) -> fx.GraphModule:
+
+def register_trace_leaf(module_type: type[nn.Module]) -> type[nn.Module]:
+    """Keep `module_type` (and its subclasses) as a `call_module` leaf of `trace` (usable as a class decorator)."""
+    TRACE_LEAF_TYPES.append(module_type)
+    return module_type
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, tuple(TRACE_LEAF_TYPES)) or super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(model: nn.Module, purpose: str = "this step") -> fx.GraphModule:
+    """`model` as an fx graph (registered leaf types kept as leaves); UnsupportedGraph naming `purpose` and the
+    reason when torch.fx cannot trace it."""
     try:
-        return fx.symbolic_trace(model)
+        tracer = _Tracer()
+        graph = tracer.trace(model)
     except Exception as exc:  # fx raises many kinds; the user needs the reason, not the type
-        raise UnsupportedGraph(f"SINF needs a model torch.fx can trace: {type(exc).__name__}: {exc}") from exc
+        raise UnsupportedGraph(f"{purpose} needs a model torch.fx can trace: {type(exc).__name__}: {exc}") from exc
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
 _RELUS = (nn.ReLU, nn.ReLU6)
@@ -100,30 +123,59 @@ def _label(n: fx.Node) -> str:
     return f"{list(stack)[-1]} ({n.name})" if stack else n.name
 
 
-def split(gm: fx.GraphModule, node_name: str) -> tuple[fx.GraphModule, fx.GraphModule]:
-    """(extractor, tail): extractor(x) is the value of `node_name`; tail(that value) is the model's output."""
+def split(gm: fx.GraphModule, at: str | int) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """(head, tail): the graph cut in two.
+
+    `at` a node name, which must be a cut vertex: head(x) is the value of that node and tail(that value) the model's
+    output. `at` a node index (> 0): the cut falls before that node and any values may cross it; head(x) returns
+    the tuple of every value computed before it and read at or after it, and tail(*that tuple) the output.
+    """
     nodes = list(gm.graph.nodes)
     names = [n.name for n in nodes]
-    if node_name not in names:
-        raise PruneCliError(f"the model's graph has no node {node_name!r} to split at")
-    if node_name not in cut_nodes(gm):
-        raise PruneCliError(f"node {node_name!r} does not cut the graph in two (later layers read earlier values)")
-    at = names.index(node_name)
+    if isinstance(at, str):
+        if at not in names:
+            raise PruneCliError(f"the model's graph has no node {at!r} to split at")
+        if at not in cut_nodes(gm):
+            raise PruneCliError(f"node {at!r} does not cut the graph in two (later layers read earlier values)")
+        index = names.index(at) + 1
+    elif 0 < at < len(nodes):
+        index = at
+    else:
+        raise ValueError(f"cut index {at} is outside (0, {len(nodes)})")
+    head_nodes, tail_nodes = nodes[:index], nodes[index:]
+    tail_set = set(tail_nodes)
+    live = [n for n in head_nodes if n.op != "get_attr" and any(u in tail_set for u in n.users)]
     head, head_env = fx.Graph(), {}
-    for n in nodes[: at + 1]:
+    for n in head_nodes:
         head_env[n] = head.node_copy(n, lambda a: head_env[a])
-    head.output(head_env[nodes[at]])
+    head.output(head_env[live[0]] if isinstance(at, str) else tuple(head_env[n] for n in live))
     tail, tail_env = fx.Graph(), {}
-    tail_env[nodes[at]] = tail.placeholder("h")
-    for n in nodes[at + 1 :]:
+    for i, n in enumerate(live):
+        tail_env[n] = tail.placeholder("h" if isinstance(at, str) else f"live_{i}")
+    for n in tail_nodes:
         if n.op == "placeholder":
             continue
         for a in n.all_input_nodes:  # get_attr nodes defined before the cut are re-read in the tail
             if a not in tail_env and a.op == "get_attr":
                 tail_env[a] = tail.node_copy(a, lambda b: tail_env[b])
         tail_env[n] = tail.node_copy(n, lambda a: tail_env[a])
-    extractor, rest = fx.GraphModule(gm, head, "SinfExtractor"), fx.GraphModule(gm, tail, "SinfSubgraph")
-    return extractor.eval(), rest.eval()
+    return fx.GraphModule(gm, head, "Head").eval(), fx.GraphModule(gm, tail, "Tail").eval()
+
+
+_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.iand, operator.ior}
+
+
+def writes_in_place(gm: fx.GraphModule) -> bool:
+    """Whether any node of `gm` may write into one of its inputs (an in-place module, function or method): then a
+    tail given cached head values must get copies."""
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and getattr(gm.get_submodule(str(n.target)), "inplace", False):
+            return True
+        if n.op == "call_function" and (n.target in _INPLACE_FUNCTIONS or bool(n.kwargs.get("inplace", False))):
+            return True
+        if n.op == "call_method" and str(n.target).endswith("_"):
+            return True
+    return False
 
 
 @torch.no_grad()

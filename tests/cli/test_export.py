@@ -76,7 +76,7 @@ def test_refused_exports_leave_an_existing_file_alone(pruned_file, tmp_path, mon
     out = tmp_path / ("p.onnx" if case == "dynamic" else "p.txt")
     out.write_text("keep me")
     if case == "dynamic":  # HASTE and ManiDP choose channels per input in Python: no ONNX graph records that
-        monkeypatch.setattr("prune_cli.dynamic.is_dynamic", lambda m: True)
+        monkeypatch.setattr("prune_cli.api.dynamic.is_dynamic", lambda m: True)
     result = runner.invoke(app, ["export", str(pruned_file), "--out", str(out)])
     assert result.exit_code == 2, result.output
     assert len(result.stderr.strip().splitlines()) == 1

@@ -8,7 +8,7 @@ from torch import nn
 import models
 from criteria.haste import HashConv2d, Haste, eligible_convs, hash_layers, sparse_hyperplanes
 from prune_cli.api import Context, Dynamic, Target, check_result, get_criterion
-from prune_cli.dynamic import per_input_macs
+from prune_cli.api.dynamic import per_input_macs
 from prune_cli.errors import BadValue, TargetUnreachable
 from prune_cli.metrics import count_macs
 from prune_cli.store.modelfile import load_model, save_model
@@ -173,7 +173,7 @@ def test_search_finds_the_largest_L_meeting_the_target(tiny_resnet, example_inpu
     assert tried[L] <= budget and tried[L + 1] > budget
     assert list(tried.values()) == sorted(tried.values())  # MACs grow with L (the buckets only refine)
     assert all(m.planes.shape[0] == L for m in hash_layers(result.model))
-    assert result.extra["rebuild"]["layers"] == {n: L for n in eligible_convs(tiny_resnet)[1:]}
+    assert result.config["layers"] == {n: L for n in eligible_convs(tiny_resnet)[1:]}
 
 
 def test_unreachable_and_params_targets_are_refused(tiny_resnet, example_input):
@@ -187,7 +187,7 @@ def test_unreachable_and_params_targets_are_refused(tiny_resnet, example_input):
 def test_safetensors_round_trip_rebuilds_identical_model(tmp_path, example_input):
     base = models.create_model("resnet20").eval()
     result = haste(base, example_input, hyperplanes=7)
-    model, config = result.model, result.extra["rebuild"]
+    model, config = result.model, result.config
     x = torch.randn(2, 3, 16, 16)
     save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
     fresh = get_criterion(config["criterion"]).rebuild(models.create_model("resnet20"), config)

@@ -10,10 +10,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import models
-from criteria.manidp import THRESHOLD_INIT, GatedConv2d, gated_layers, wrap
+from criteria.manidp import THRESHOLD_INIT, GatedBlock, GatedConv2d, gated_layers, wrap
 from criteria.manidp_train import ManiDPHooks, instance_weights, manifold_loss, remain_rate, sparsity_loss
 from prune_cli.api import CalibData, Context, Dynamic, Target, check_result, get_criterion
-from prune_cli.dynamic import per_input_macs
+from prune_cli.api.dynamic import per_input_macs
 from prune_cli.errors import BadValue
 from prune_cli.metrics import count_macs
 from prune_cli.store.modelfile import load_model, save_model
@@ -71,8 +71,48 @@ def test_gate_sites_resnet_and_vgg(tiny_resnet, tiny_vgg):
     convs = [m for m in v.features if isinstance(m, nn.Conv2d)]
     assert type(convs[0]) is nn.Conv2d and all(isinstance(c, GatedConv2d) for c in convs[1:])
     assert convs[1].prev is None and convs[2].prev is convs[1]
-    with pytest.raises(BadValue, match="basic-block"):
-        wrap(models.create_model("resnet50"), IDENTITY)
+
+
+def test_bottleneck_blocks_are_gated_on_the_dense_path():
+    """The sites come from the structure: a bottleneck's three convs are gated (its shortcut and the stem are not);
+    there is no compact block for it, so batch 1 runs the dense masked path, equal to the batched one."""
+    torch.manual_seed(0)
+    base = models.create_model("resnet50", num_classes=4).eval()
+    model = gated(base).double()
+    block = model.layer1[0]
+    assert [type(getattr(block, c)) for c in ("conv1", "conv2", "conv3")] == [GatedConv2d] * 3
+    assert block.conv3.prev is block.conv2 and block.conv2.prev is block.conv1
+    assert type(block.shortcut[0]) is nn.Conv2d and type(model.conv1) is nn.Conv2d
+    set_random_gates(model)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    single, batched, single_macs, macs = _single_vs_batched(model, x)
+    assert torch.allclose(single, batched, rtol=1e-9, atol=1e-12 * batched.abs().max())
+    assert torch.equal(single_macs, macs) and bool((macs < count_macs(base, x[:1].float())).all())
+
+
+def test_torchvision_resnet18_is_gated_and_runs_compact():
+    """Beyond the zoo: torchvision's ResNet-18 gets the gates of prune-cli's basic-block ResNets (both convs of each
+    block; not the stem, not the downsample projections), its blocks run compact at batch 1, and the per-input MACs
+    of the batch-1 path equal the batched masking's."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    base = torchvision.models.resnet18(num_classes=2).eval()
+    model = gated(base)
+    names = [n for n, m in model.named_modules() if isinstance(m, GatedConv2d)]
+    assert len(names) == 16 and names[:2] == ["layer1.0.conv1", "layer1.0.conv2"]
+    assert not any("downsample" in n for n in names) and type(model.conv1) is nn.Conv2d
+    assert isinstance(model.layer2[0], GatedBlock) and model.layer2[0].conv2.prev is model.layer2[0].conv1
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():  # identity gates: the base model exactly (batched), up to the folded BatchNorm (batch 1)
+        assert torch.equal(model(x), base(x))
+        torch.testing.assert_close(model(x[:1]), base(x[:1]), rtol=1e-4, atol=1e-4)
+    model = model.double()
+    set_random_gates(model)
+    single, batched, single_macs, macs = _single_vs_batched(model, x.double())
+    assert torch.allclose(single, batched, rtol=1e-9, atol=1e-12 * batched.abs().max())
+    assert torch.equal(single_macs, macs)
+    assert bool((macs < count_macs(base, x[:1])).all())  # channels were skipped
+    assert sum(c.slice_misses for c in gated_layers(model)) > 0  # the compact path ran
 
 
 def test_saliency_scaled_mask_by_hand(tiny_resnet):

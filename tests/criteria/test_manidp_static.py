@@ -13,7 +13,7 @@ from criteria.manidp_static import strip, to_static
 from criteria.manidp_train import ManiDPHooks
 from prune_cli import engine
 from prune_cli.api import CalibData, Context, Target, check_result, get_criterion
-from prune_cli.dynamic import input_dependence, is_dynamic, keep_stats, per_input_macs
+from prune_cli.api.dynamic import input_dependence, is_dynamic, keep_stats, per_input_macs
 from prune_cli.metrics import count_macs, count_params
 from prune_cli.store.modelfile import load_model, save_model
 

@@ -7,8 +7,9 @@ import torch
 from helpers import concat_net, randomise_bn
 from torch import nn
 
-from criteria.sensitivity import _damage, is_conv_group, split_live
+from criteria.sensitivity import _damage, is_conv_group
 from prune_cli.api import Allocation, CalibData, Context, Target, check_result, get_criterion
+from prune_cli.api.graph import split, trace
 from prune_cli.errors import BadValue
 from prune_cli.run import pruning
 from prune_cli.selection.plan import groups_in_scope
@@ -135,15 +136,14 @@ def test_target_met_through_the_shared_selection(tiny_resnet, example_input, tar
     assert target <= report["achieved"] < target + 0.03
 
 
-def test_split_live_reproduces_the_model_at_every_cut(tiny_resnet, example_input):
-    import torch.fx as fx
-
-    gm = fx.symbolic_trace(tiny_resnet.eval())
+def test_the_graph_split_reproduces_the_model_at_every_cut(tiny_resnet, example_input):
+    """The sweep's reuse: the graph cut before any node, every value crossing the cut handed over."""
+    gm = trace(tiny_resnet.eval())
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         want = tiny_resnet(x)
         for at in range(1, len(gm.graph.nodes), 7):
-            prefix, suffix, _ = split_live(gm, at)
+            prefix, suffix = split(gm, at)
             assert torch.allclose(suffix(*prefix(x)), want, atol=1e-6)
 
 

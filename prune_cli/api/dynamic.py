@@ -18,9 +18,11 @@ fx: a dynamic module's forward has data-dependent control flow, so tracers must 
 - Every DynamicModule subclass registers itself (`__init_subclass__`) with the surgery tracer's leaf list. The
   dynamic modules of prune-cli subclass nn.Conv2d or nn.BatchNorm2d, so surgery reads them as the conv/BN they
   extend (same weights, same channels) and channel groups of a dynamic model equal those of its base.
-- `DynamicTracer` / `trace(model)` here is a plain `torch.fx.Tracer` that keeps DynamicModules as leaves.
+- The project's one fx trace (`prune_cli.api.graph.trace`) keeps every DynamicModule as a `call_module` leaf.
 - `torch.fx.symbolic_trace` with its default tracer enters modules defined outside torch.nn; a dynamic module
   then refuses with UnsupportedGraph (naming the tracer to use) instead of failing inside fx.
+- `analysing()` is true while the channel analysis runs a model: a dynamic module with a faster path for real
+  inputs (one that computes fewer channels) takes its reference path then, whose channels the analysis must see.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ import torch
 from torch import Tensor, fx, nn
 
 from prune_cli.errors import UnsupportedGraph
+from prune_cli.surgery.graph import analysing as analysing  # re-exported: see `DynamicModule` users
 from prune_cli.surgery.graph import register_pass_through_leaf
+from prune_cli.surgery.split import register_trace_leaf
 
 _STATIC = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -44,7 +48,7 @@ class DynamicModule(nn.Module):
     evaluated when `last_macs` / `last_overhead` is first read."""
 
     # False: surgery's channel analysis looks inside the class rather than reading it as its base class (e.g. a
-    # module that changes channels in a way its base class does not); it stays an fx leaf for `DynamicTracer`.
+    # module that changes channels in a way its base class does not); it stays an fx leaf of `graph.trace`.
     surgery_leaf: ClassVar[bool] = True
     _record: tuple[Tensor, Tensor] | Callable[[], tuple[Tensor, Tensor]] | None = None
 
@@ -90,20 +94,11 @@ class DynamicModule(nn.Module):
         if isinstance(x, fx.Proxy):
             raise UnsupportedGraph(
                 f"{type(self).__name__} is input-dependent and must be an fx leaf: trace with "
-                "prune_cli.dynamic.trace (or DynamicTracer) instead of torch.fx.symbolic_trace"
+                "prune_cli.api.graph.trace instead of torch.fx.symbolic_trace"
             )
 
 
-class DynamicTracer(fx.Tracer):
-    """An fx tracer that keeps every DynamicModule as a `call_module` leaf."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, DynamicModule) or super().is_leaf_module(m, module_qualified_name)
-
-
-def trace(model: nn.Module) -> fx.GraphModule:
-    """`torch.fx.symbolic_trace` with dynamic modules as leaves."""
-    return fx.GraphModule(model, DynamicTracer().trace(model))
+register_trace_leaf(DynamicModule)  # the one fx trace keeps every dynamic module as a leaf
 
 
 def dynamic_modules(model: nn.Module) -> Iterator[tuple[str, DynamicModule]]:

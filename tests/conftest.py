@@ -1,27 +1,25 @@
 """Shared fixtures: tiny models of every supported shape and a small real calibration batch (digits)."""
 
+import helpers
 import pytest
 import torch
-from helpers import randomise_bn
 
 # One thread: on a 2-core machine shared with other jobs, two OpenMP threads wait on each other's time slices and
 # tiny models run 5-30x slower; alone, one thread costs these small tests little.
 torch.set_num_threads(1)
 
-import models  # noqa: E402  (after set_num_threads: models may build tensors on import)
+import models  # noqa: E402, F401  (after set_num_threads: models may build tensors on import)
 
 
 # Seeded: a model must not depend on which tests ran before in the same process (pytest-xdist changes that).
 @pytest.fixture
 def tiny_vgg():
-    torch.manual_seed(2)
-    return randomise_bn(models.create_model("vgg11", num_classes=10, in_channels=3))
+    return helpers.tiny_vgg()
 
 
 @pytest.fixture
 def tiny_resnet():
-    torch.manual_seed(1)
-    return randomise_bn(models.create_model("resnet20", num_classes=10, in_channels=3))
+    return helpers.tiny_resnet()
 
 
 @pytest.fixture

@@ -5,16 +5,12 @@ import torch
 from prune_cli.api import Context, Scores, Target, check_result, get_criterion
 from prune_cli.selection.plan import groups_in_scope
 from prune_cli.surgery import channel_groups
-
-
-def context(model, x, target=0.5, scope="internal"):
-    groups = channel_groups(model, x)
-    return Context(model, tuple(groups_in_scope(groups, scope)), tuple(groups), x, 10, Target("macs", target))
+from prune_cli.testing import make_context
 
 
 def run(model, x, **options):
     cls = get_criterion("l1")
-    ctx = context(model, x)
+    ctx = make_context(model, x)
     return check_result(cls(cls.Options(**options)).run(ctx), ctx.groups), ctx
 
 

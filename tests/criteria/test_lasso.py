@@ -9,8 +9,8 @@ from criteria.lasso import LassoOptions, _shortcut_operands
 from prune_cli.api import CalibData, Context, Plan, Target, check_result, get_criterion
 from prune_cli.errors import BadValue
 from prune_cli.run.pruning import PruneJob, plan_from_result
-from prune_cli.selection.plan import groups_in_scope
 from prune_cli.surgery import channel_groups, prune
+from prune_cli.testing import make_context
 
 SMALL = {"images": 48}  # fast settings for the conformance tests
 
@@ -22,11 +22,7 @@ def small_images(digits_calib, channels=3, size=16):
 
 
 def context(model, calib, target=0.5, scope="internal", progress=None):
-    x = calib.x[:1]
-    groups = channel_groups(model, x)
-    extra = {"progress": progress} if progress else {}
-    return Context(model, tuple(groups_in_scope(groups, scope)), tuple(groups), x, 10, Target("macs", target),
-                   calib=calib, **extra)  # fmt: skip
+    return make_context(model, calib=calib, target=target, scope=scope, progress=progress)
 
 
 def run(ctx, **options):

@@ -5,16 +5,10 @@ import pytest
 import torch
 
 import models
-from prune_cli.api import CalibData, Context, Plan, Target, check_result, get_criterion
+from prune_cli.api import CalibData, Plan, Target, check_result, get_criterion
 from prune_cli.run.pruning import PruneJob, plan_from_result
-from prune_cli.selection.plan import groups_in_scope
-from prune_cli.surgery import channel_groups, prune
-
-
-def context(model, x, target=0.5, scope="internal", calib=None, only=None):
-    groups = channel_groups(model, x)
-    scoped = [g for g in groups_in_scope(groups, scope) if only is None or g.id in only]
-    return Context(model, tuple(scoped), tuple(groups), x, 10, Target("macs", target), calib=calib)
+from prune_cli.surgery import prune
+from prune_cli.testing import make_context as context
 
 
 def run(ctx, **options):

@@ -3,8 +3,12 @@
 tests/support is on pytest's pythonpath (not tests/ itself: its criteria/ folder would shadow the criteria package).
 """
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+
+from prune_cli.testing import randomise_bn  # noqa: F401  (re-exported: tests import it from here)
 
 
 class ConcatNet(nn.Module):
@@ -30,19 +34,6 @@ def concat_net(num_classes: int = 10, in_channels: int = 3) -> ConcatNet:
     return ConcatNet(num_classes, in_channels)
 
 
-def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BatchNorm statistics, so that equivalence tests cannot pass by accident."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
-    return model.eval()
-
-
 def three_conv_net() -> nn.Module:
     """Three 3x3 convs (16, 16, 8 channels) and a linear head, for (N, 3, 12, 12) inputs."""
     return nn.Sequential(
@@ -50,6 +41,52 @@ def three_conv_net() -> nn.Module:
         nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
         nn.Conv2d(16, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 144, 10),
     ).eval()  # fmt: skip
+
+
+def tiny_vgg() -> nn.Module:
+    """prune-cli's VGG-11 (CIFAR-style) with random weights and BatchNorm statistics, for (N, 3, 16, 16) inputs."""
+    import models  # here, not at the top: conftest sets torch's threads before models builds anything
+
+    torch.manual_seed(2)
+    return randomise_bn(models.create_model("vgg11", num_classes=10, in_channels=3))
+
+
+def tiny_resnet() -> nn.Module:
+    """prune-cli's ResNet-20 with random weights and BatchNorm statistics, for (N, 3, 16, 16) inputs."""
+    import models
+
+    torch.manual_seed(1)
+    return randomise_bn(models.create_model("resnet20", num_classes=10, in_channels=3))
+
+
+def tiny_narrow_vgg() -> nn.Module:
+    """prune-cli's VGG class at a quarter of VGG-11's widths or less (16-32-32-64-64, hidden 512), for (N, 3, 16, 16)
+    inputs: the zoo's architecture at a size where criteria that fit per-group models take a second."""
+    from models.vgg import VGG
+
+    torch.manual_seed(5)
+    return randomise_bn(VGG([16, "M", 32, "M", 32, 64, "M", 64], num_classes=10, in_channels=3))
+
+
+def tiny_concat_net() -> nn.Module:
+    torch.manual_seed(3)
+    return randomise_bn(concat_net())
+
+
+def tiny_three_conv_net() -> nn.Module:
+    torch.manual_seed(4)
+    return randomise_bn(three_conv_net())
+
+
+# The tiny models every criterion is checked on (tests/test_conformance.py): name -> (factory, example input shape).
+# Every built-in criterion supports the zoo's architectures (VGG, basic-block ResNet); the other two are a user's CNNs.
+TINY_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, int, int, int]]] = {
+    "vgg": (tiny_narrow_vgg, (1, 3, 16, 16)),
+    "resnet20": (tiny_resnet, (1, 3, 16, 16)),
+    "concat_net": (tiny_concat_net, (1, 3, 16, 16)),
+    "three_conv_net": (tiny_three_conv_net, (1, 3, 12, 12)),
+}
+ZOO_MODELS = ("vgg", "resnet20")
 
 
 def train_digits_base(folder, epochs: int = 1):

@@ -14,8 +14,8 @@ def report(
     folder: Annotated[Path, typer.Argument(help="A `compare` output folder (holding records/).")],
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only results.")] = False,
 ) -> None:
-    """Rebuild leaderboard.{csv,md,tex} and the plots in FOLDER from FOLDER/records/*.json."""
-    from prune_cli.cli.compare import show
+    """Rebuild leaderboard.{csv,md,tex}, the plots and leaderboard-latency.{csv,md} in FOLDER from its records/."""
+    from prune_cli.cli.compare import show, show_latency
     from prune_cli.errors import BadValue
     from prune_cli.report import leaderboard as rep
     from prune_cli.store.records import CorruptRecord, Store
@@ -37,9 +37,12 @@ def report(
     if not records:
         raise BadValue(f"no trusted run records in {store.dir}")
     names = {r.get("experiment") for r in records}
-    lb = rep.write(records, folder, title=names.pop() if len(names) == 1 else folder.name)
-    ui.info(f"{len(records)} records -> {', '.join(rep.LEADERBOARD_FILES)} in {folder}")
+    title = names.pop() if len(names) == 1 else folder.name
+    lb, by_latency = rep.write(records, folder, title=title), rep.write_latency(records, folder, title=title)
+    files = (rep.LEADERBOARD_FILES if not lb.empty else ()) + (rep.LATENCY_FILES if not by_latency.empty else ())
+    ui.info(f"{len(records)} records -> {', '.join(files)} in {folder}")
     show(lb)
+    show_latency(by_latency)
 
 
 def register(app: typer.Typer) -> None:

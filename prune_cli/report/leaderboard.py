@@ -4,6 +4,11 @@
 writes `leaderboard.csv` (numbers, mean and std columns), `leaderboard.md` and `leaderboard.tex` (formatted),
 `accuracy_vs_macs.png` and `latency_vs_macs.png`. Ranks are per target, by mean top-1 after fine-tuning.
 
+Cells pruned to a latency target (`latency_targets:`) have a leaderboard of their own, `latency_leaderboard(runs)`,
+written by `write_latency` to `leaderboard-latency.{csv,md}`: per requested fraction, the latency reduction each entry
+reached (measured on the final models, base and pruned in alternating turns) next to its top-1, ranked by top-1 among
+the entries that reached the request. The MACs leaderboard never counts those cells.
+
 Speed-ups compare the pruned model with the base measured in the same run, on the same machine and threads:
 MAC speed-up = base MACs / pruned MACs (per-input average for dynamic methods), latency speed-up = base latency /
 pruned latency (median of repeated timings at each batch size).
@@ -23,6 +28,15 @@ from prune_cli.store.files import atomic_write, write_text
 TARGET_TOLERANCE = 0.02
 LEADERBOARD_FILES = ("leaderboard.csv", "leaderboard.md", "leaderboard.tex", "accuracy_vs_macs.png",
                      "latency_vs_macs.png")  # fmt: skip
+# A latency-targeted entry whose measured reduction falls short of the request by more than this is not ranked:
+# wider than TARGET_TOLERANCE, since it is a timing (the selection itself aims within 0.02).
+LATENCY_TOLERANCE = 0.05
+LATENCY_FILES = ("leaderboard-latency.csv", "leaderboard-latency.md")
+
+
+def is_latency(record: dict[str, Any]) -> bool:
+    """Whether a record's cell was pruned to a latency target (`latency_targets:`), not a MACs or params one."""
+    return bool(record["config"]["job"].get("target_latency"))
 
 
 def runs(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
@@ -56,12 +70,32 @@ def runs(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
                 batch = key[len("latency_b") : -len("_ms")]
                 if a.get(key):
                     row[f"latency_speedup_b{batch}"] = value / a[key]
+        if job.get("target_latency"):
+            row.update(_latency_fields(r))
         rows.append(row)
     return pd.DataFrame(rows)
 
 
+def _latency_fields(r: dict[str, Any]) -> dict[str, Any]:
+    """A latency-targeted run's request, whether its criterion used it, and the reduction it reached: measured on the
+    final models at the target's batch (`latency_reached`; NaN if not timed) and by its selection (NaN if unused)."""
+    job, b, a = r["config"]["job"], r["before"], r["after"]
+    batch = job.get("latency_batch", 1)
+    report = r.get("target_report") if isinstance(r.get("target_report"), dict) else {}
+    used = report.get("metric") == "latency"
+    base_ms, ms = b.get(f"latency_b{batch}_ms"), a.get(f"latency_b{batch}_ms")
+    selection = report.get("achieved") if used else None
+    return {
+        "latency_target": job["target_latency"], "latency_batch": batch, "latency_used": used,
+        "latency_reached": 1 - ms / base_ms if base_ms and ms else float("nan"),
+        "latency_selection": selection if isinstance(selection, (int, float)) else float("nan"),
+    }  # fmt: skip
+
+
 def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     """Aggregate runs per (criterion, target): means, stds over seeds, drop from the base, rank per target."""
+    if "latency_target" in df.columns:  # latency-targeted runs have their own leaderboard (latency_leaderboard)
+        df = df[df["latency_target"].isna()]
     if df.empty:
         return df
     order = list(dict.fromkeys(df["criterion"]))
@@ -86,6 +120,66 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
              "top1_before_ft_mean", "top1_before_ft_std", "top1_mean", "top1_std", "drop_pt",
              "mac_speedup"]  # fmt: skip
     return out[first + [c for c in out.columns if c not in first]]
+
+
+def latency_leaderboard(df: pd.DataFrame) -> pd.DataFrame:
+    """Aggregate latency-targeted runs per (requested fraction, batch, criterion): the reduction reached and top-1,
+    mean and std over seeds; ranked per request by mean top-1 among the entries that used the target and reached it
+    (within LATENCY_TOLERANCE). `note` says why an entry is not ranked: its criterion chooses its own widths (it
+    ignored the target), it fell short, or it was not timed."""
+    if "latency_target" not in df.columns or df["latency_target"].isna().all():
+        return pd.DataFrame()
+    df = df[df["latency_target"].notna()]
+    order = list(dict.fromkeys(df["criterion"]))
+    grouped = df.groupby(["latency_target", "latency_batch", "criterion"], sort=False)
+    mean_cols = ["macs_removed", "params_removed", "mac_speedup", "score_s", "finetune_s", "base_top1",
+                 "latency_selection"]  # fmt: skip
+    mean_cols += sorted(c for c in df.columns if c.startswith("latency_speedup_b"))
+    out = grouped[mean_cols].mean()
+    for col in ("latency_reached", "top1_before_ft", "top1"):
+        out[f"{col}_mean"] = grouped[col].mean()
+        out[f"{col}_std"] = grouped[col].std(ddof=1).fillna(0.0)
+    out["latency_used"] = grouped["latency_used"].all()
+    out["seeds"] = grouped["seed"].nunique()
+    out["drop_pt"] = 100 * (out["base_top1"] - out["top1_mean"])
+    out = out.reset_index()
+    reached = out["latency_reached_mean"]
+    out["met_target"] = out["latency_used"] & (reached >= out["latency_target"] - LATENCY_TOLERANCE)
+    out["note"] = [
+        "" if met else "chooses its own widths: ignores the latency target" if not used
+        else "not timed" if pd.isna(r) else f"missed target: reached -{100 * r:.1f}%"
+        for met, used, r in zip(out["met_target"], out["latency_used"], reached, strict=True)
+    ]  # fmt: skip
+    ranked = out["top1_mean"].where(out["met_target"])
+    request = [out["latency_target"], out["latency_batch"]]
+    out["rank"] = ranked.groupby(request).rank(ascending=False, method="min").astype("Int64")
+    out["_order"] = out["criterion"].map({c: i for i, c in enumerate(order)})
+    out = out.sort_values(["latency_target", "latency_batch", "rank", "_order"], na_position="last")
+    out = out.drop(columns="_order").reset_index(drop=True)
+    first = ["latency_target", "latency_batch", "rank", "criterion", "note", "met_target", "seeds",
+             "latency_reached_mean", "latency_reached_std", "latency_selection", "top1_before_ft_mean",
+             "top1_before_ft_std", "top1_mean", "top1_std", "drop_pt", "macs_removed", "params_removed",
+             "mac_speedup"]  # fmt: skip
+    return out[first + [c for c in out.columns if c not in first]]
+
+
+def formatted_latency(lb: pd.DataFrame) -> pd.DataFrame:
+    """The latency leaderboard as display strings: requested and reached reduction, top-1 in % (mean +- std)."""
+    rows = []
+    for _, r in lb.iterrows():
+        reached = r["latency_reached_mean"]
+        rows.append({
+            "target": f"-{100 * r['latency_target']:.0f}% latency b{int(r['latency_batch'])}",
+            "rank": str(int(r["rank"])) if pd.notna(r["rank"]) else "-", "criterion": r["criterion"],
+            "seeds": int(r["seeds"]),
+            "latency removed": "not timed" if pd.isna(reached)
+            else f"{100 * reached:.1f} ± {100 * r['latency_reached_std']:.1f}%",
+            "top-1 before FT": f"{100 * r['top1_before_ft_mean']:.2f} ± {100 * r['top1_before_ft_std']:.2f}",
+            "top-1": f"{100 * r['top1_mean']:.2f} ± {100 * r['top1_std']:.2f}", "drop (pt)": f"{r['drop_pt']:+.2f}",
+            "MACs removed": f"{100 * r['macs_removed']:.1f}%", "scoring (s)": f"{r['score_s']:.1f}",
+            "note": r["note"],
+        })  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 def formatted(lb: pd.DataFrame) -> pd.DataFrame:
@@ -155,8 +249,12 @@ def bn_sentence(df: pd.DataFrame) -> str:
 
 
 def write(records: Sequence[dict[str, Any]], out_dir: str | Path, title: str = "leaderboard") -> pd.DataFrame:
-    """Write every leaderboard file into `out_dir` from `records`; return the numeric leaderboard."""
+    """Write every MACs leaderboard file into `out_dir` from the `records` of MACs (or params) targets; return the
+    numeric leaderboard (empty, and nothing written, if there are none). Latency targets: `write_latency`."""
     out_dir = Path(out_dir)
+    records = [r for r in records if not is_latency(r)]
+    if not records:
+        return pd.DataFrame()
     df = runs(records)
     lb = leaderboard(df)
     table = formatted(lb)
@@ -165,6 +263,28 @@ def write(records: Sequence[dict[str, Any]], out_dir: str | Path, title: str = "
     write_text(out_dir / "leaderboard.md", f"# {title}\n\n{header(df)}\n\n{markdown(table)}")
     write_text(out_dir / "leaderboard.tex", table.to_latex(index=False).replace("±", r"$\pm$").replace("%", r"\%"))
     plot(df, lb, out_dir)
+    return lb
+
+
+def write_latency(records: Sequence[dict[str, Any]], out_dir: str | Path, title: str = "leaderboard") -> pd.DataFrame:
+    """Write `leaderboard-latency.{csv,md}` into `out_dir` from the `records` of latency targets; return the numeric
+    latency leaderboard (empty, and nothing written, if there are none)."""
+    out_dir = Path(out_dir)
+    records = [r for r in records if is_latency(r)]
+    if not records:
+        return pd.DataFrame()
+    df = runs(records)
+    lb = latency_leaderboard(df)
+    with atomic_write(out_dir / LATENCY_FILES[0]) as tmp:
+        lb.to_csv(tmp, index=False, float_format="%.6g")
+    batches = ", ".join(str(b) for b in sorted(set(df["latency_batch"].astype(int))))
+    text = (f"Equal latency: each entry was pruned to remove a fraction of the base's measured latency at batch "
+            f"{batches} (`latency_targets`, as `prune --target-latency`). `latency removed` is what it reached, "
+            "measured on the final models, base and pruned in alternating turns; entries are ranked by top-1 among "
+            f"those that reached the request within {LATENCY_TOLERANCE:g}. A criterion that chooses its own widths "
+            "ignores the target (it aims at the same fraction of MACs) and is listed unranked.")  # fmt: skip
+    table = formatted_latency(lb)
+    write_text(out_dir / LATENCY_FILES[1], f"# {title}: equal latency\n\n{header(df)}\n\n{text}\n\n{markdown(table)}")
     return lb
 
 

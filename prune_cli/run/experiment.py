@@ -5,6 +5,8 @@
     base: {model: vgg11, epochs: 6}        # or {file: base.safetensors}
     criteria: [l1, {name: sensitivity, options: {trials: 1}}]    # or: all
     targets: [0.3, 0.5]                    # fraction of MACs to remove (dynamic methods: per input)
+    latency_targets: [0.3]                 # optional: fraction of the base's measured latency to remove...
+    latency_batch: 1                       # ...at this batch size (`prune --target-latency`): its own leaderboard
     seeds: [0, 1]
     finetune: {epochs: 1, lr: 0.01}        # identical for every criterion
     bn_recalibration: true                 # re-estimate BatchNorm statistics after removal (the default)
@@ -13,6 +15,10 @@
 Unknown keys are errors with a suggestion (`prune_cli.config`); values are converted to the declared types, so
 CLI overrides (strings) and YAML values give the same experiment. Each cell is a `pruning.PruneJob`; its key
 is the hash of everything that decides its result, and keys the run record in the store.
+
+A latency target is a cell of its own after the MACs cells (criterion x latency target x seed), pruned as `prune
+--target-latency F --latency-batch B`: selection times the base against candidate plans inside the cell, so a grid
+with latency targets belongs on an otherwise idle machine with `--jobs 1`. `targets: []` leaves only those cells.
 """
 
 from __future__ import annotations
@@ -78,6 +84,8 @@ class Experiment:
     dataset: str = "digits"
     data_dir: str | None = None
     targets: tuple[float, ...] = (0.5,)
+    latency_targets: tuple[float, ...] = ()  # fractions of the base's measured latency to remove (at latency_batch)
+    latency_batch: int = 1
     metric: str = "macs"
     seeds: tuple[int, ...] = (0,)
     finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
@@ -99,21 +107,34 @@ class Experiment:
         return Path(self.out or f"runs/{self.name}")
 
     def cells(self) -> list[Cell]:
-        """Every (criterion, target, seed), criteria in the order given."""
+        """Every (criterion, target, seed), criteria in the order given; then every (criterion, latency target,
+        seed). The MACs cells come first and are built as before latency targets existed: their keys are unchanged.
+        """
         return [
             Cell(spec, self.job(spec, target, seed))
             for spec in self.criteria for target in self.targets for seed in self.seeds
+        ] + [
+            Cell(spec, self.job(spec, target, seed, latency=True))
+            for spec in self.criteria for target in self.latency_targets for seed in self.seeds
         ]  # fmt: skip
 
-    def job(self, spec: CriterionSpec, target: float, seed: int) -> PruneJob:
+    def job(self, spec: CriterionSpec, target: float, seed: int, latency: bool = False) -> PruneJob:
+        """The cell's job; with `latency`, `target` is a fraction of the measured latency at `latency_batch` (and the
+        MACs fraction that criteria choosing their own widths aim at instead, as in `prune --target-latency`)."""
         ft = self.finetune
+        batches = self.latency_batches
+        extra: dict[str, Any] = {}
+        if latency:  # the batch the target is at is always timed for the leaderboard, next to the others
+            batches = tuple(dict.fromkeys([*batches, self.latency_batch]))
+            extra = {"target_latency": target, "latency_batch": self.latency_batch}
         return PruneJob(
-            criterion=spec.name, options=dict(spec.options), target=Target(self.metric, target),  # type: ignore[arg-type]
+            criterion=spec.name, options=dict(spec.options),
+            target=Target("macs" if latency else self.metric, target),  # type: ignore[arg-type]
             mode=self.mode, scope=self.scope, round_to=self.round_to, fast_widths=self.fast_widths,
             max_ratio=self.max_ratio,
             calib_images=self.calib_images, finetune_epochs=ft.epochs, lr=ft.lr, batch_size=ft.batch_size,
-            weight_decay=ft.weight_decay, seed=seed, latency_batches=self.latency_batches,
-            latency_seconds=self.latency_seconds, recalibrate_bn=self.bn_recalibration,
+            weight_decay=ft.weight_decay, seed=seed, latency_batches=batches,
+            latency_seconds=self.latency_seconds, recalibrate_bn=self.bn_recalibration, **extra,
         )  # fmt: skip
 
 
@@ -121,6 +142,13 @@ class Experiment:
 class Cell:
     spec: CriterionSpec
     job: PruneJob
+
+    @property
+    def target_text(self) -> str:
+        """The cell's target for messages: `target 0.3` (MACs or params) or `latency target 0.3 at batch 1`."""
+        if self.job.target_latency:
+            return f"latency target {self.job.target_latency:g} at batch {self.job.latency_batch}"
+        return f"target {self.job.target.reduction:g}"
 
     def config(self, dataset: str, data_dir: str | None, base_digest: str) -> dict[str, Any]:
         """Everything that decides the cell's result, as plain JSON (what the key hashes)."""
@@ -172,10 +200,15 @@ def parse_experiment(raw: dict[str, Any]) -> Experiment:
     exp = build_dataclass(Experiment, values, where="experiment key")
     for t in exp.targets:
         Target(exp.metric, t)  # type: ignore[arg-type]  (validates range and metric)
+    for t in exp.latency_targets:
+        if not 0 < t < 1:  # also NaN
+            raise BadConfig(f"`latency_targets` must be fractions in (0, 1) of the measured latency to remove, got {t}")
+    if exp.latency_batch < 1:
+        raise BadConfig(f"`latency_batch` must be a batch size >= 1, got {exp.latency_batch}")
     if exp.executor not in EXECUTORS:
         raise BadConfig(f"`executor` must be one of {', '.join(EXECUTORS)}, got {exp.executor!r}")
-    if not exp.targets or not exp.seeds:
-        raise BadConfig("an experiment needs at least one target and one seed")
+    if not (exp.targets or exp.latency_targets) or not exp.seeds:
+        raise BadConfig("an experiment needs at least one target (or latency target) and one seed")
     for seed in (*exp.seeds, exp.base.seed):
         check_seed(seed, "seeds")
     if not exp.latency_batches or min(exp.latency_batches) < 1:

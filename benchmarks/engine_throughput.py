@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from prune_cli import engine
 from prune_cli.data import splits as D
-from prune_cli.run import steps as pipeline
+from prune_cli.run import loading
+from prune_cli.run.environment import machine
 
 
 def bare_loop(model, splits, cfg) -> float:
@@ -55,17 +56,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    splits = pipeline.load_splits(args.dataset, model_name=args.model)
+    splits = loading.load_splits(args.dataset, model_name=args.model)
     splits = dataclasses.replace(splits, train=D.Split(splits.train.x[: args.images], splits.train.y[: args.images]))
     cfg = engine.TrainConfig(epochs=1, batch_size=256, augment=False)
-    base = pipeline.new_model(args.model, splits)
+    base = loading.new_model(args.model, splits)
     bare_loop(copy.deepcopy(base), splits, cfg)  # warm-up: allocator and kernels
     bare, ours = [], []
     for _ in range(args.rounds):
         bare.append(bare_loop(copy.deepcopy(base), splits, cfg))
         ours.append(engine_loop(copy.deepcopy(base), splits, cfg))
     b, o = statistics.median(bare), statistics.median(ours)
-    print(f"machine: {pipeline.machine()}")
+    print(f"machine: {machine()}")
     print(f"{args.model}, {args.dataset}: {args.images} images x {args.rounds} rounds, batch 256, {args.threads} thr")
     print(f"bare PyTorch loop: {b:8.1f} img/s  (rounds: {', '.join(f'{v:.0f}' for v in bare)})")
     print(f"prune-cli engine:  {o:8.1f} img/s  (rounds: {', '.join(f'{v:.0f}' for v in ours)})")

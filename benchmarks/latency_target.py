@@ -34,7 +34,8 @@ import models
 from prune_cli import engine, surgery
 from prune_cli.api import Context, Scores, Target
 from prune_cli.data import splits as D
-from prune_cli.run import steps as pipeline
+from prune_cli.run import loading
+from prune_cli.run.environment import machine
 from prune_cli.run.pruning import build_criterion
 from prune_cli.selection import latency
 from prune_cli.selection import plan as selection
@@ -60,44 +61,51 @@ def setup(model, x, pool, batch, cache: Path, seconds: float, scope: str = "inte
     return groups, planner, measure
 
 
-def reach(args, cache: Path) -> list[dict]:
-    rows = []
+def zoo_cases(args):
+    """(name, model, example input (1, 3, 32, 32), batch size) for each of `args.models` (built with seed 0, in eval
+    mode, 10 classes) and each of `args.batches`."""
     for name in args.models:
         torch.manual_seed(0)
         model = models.create_model(name, num_classes=10).eval()
         x = torch.randn(1, 3, 32, 32)
         for batch in args.batches:
-            pool = torch.randn(max(256, 2 * batch), 3, 32, 32)
-            LayerTimer._cache.clear()  # the first run builds the table from nothing
-            groups, planner, measure = setup(model, x, pool, batch, cache, args.seconds, args.scope)
-            scores = l1_scores(model, x, groups, 10)
-            most, _ = latency.reachable(planner, measure, 0.0, batch, TOLERANCE)  # the narrowest plan, measured
-            for target in args.targets:
-                t0 = time.perf_counter()
-                if target > most + TOLERANCE:  # an unreachable target is a result too
-                    rows.append({"model": name, "batch": batch, "requested": target, "error": f"most {most:.3f}"})
-                    print(fmt_reach(rows[-1]), flush=True)
-                    continue
-                result = latency.plan(planner, measure, target, scores=scores, tolerance=TOLERANCE, most=most)
-                wall = time.perf_counter() - t0
-                confirm = latency.plan_timer(model, x, groups, pool, batch, seconds=args.confirm_seconds)
-                base_ms, (ms,) = confirm([result.counts])
-                sel = latency.to_selection(planner, result, scores, batch, "torch")
-                row = {
-                    "model": name, "batch": batch, "requested": target, "loop": result.achieved,
-                    "confirmed": 1 - ms / base_ms, "base_ms": base_ms, "pruned_ms": ms, "rounds": len(result.rounds),
-                    "macs_removed": 1 - sel.macs / sel.base_macs, "most": most, "seconds": wall,
-                }  # fmt: skip
-                if args.onnxruntime:
-                    ort = latency.plan_timer(model, x, groups, pool, batch, seconds=args.confirm_seconds,
-                                             runtime="onnxruntime")  # fmt: skip
-                    ort_base, (ort_ms,) = ort([result.counts])
-                    macs_speedup = sel.base_macs / sel.macs
-                    row.update(ort_base_ms=ort_base, ort_pruned_ms=ort_ms, torch_ratio=(base_ms / ms) / macs_speedup,
-                               ort_ratio=(ort_base / ort_ms) / macs_speedup)  # fmt: skip
-                rows.append(row)
-                print(fmt_reach(row), flush=True)
-            planner.table.save()
+            yield name, model, x, batch
+
+
+def reach(args, cache: Path) -> list[dict]:
+    rows = []
+    for name, model, x, batch in zoo_cases(args):
+        pool = torch.randn(max(256, 2 * batch), 3, 32, 32)
+        LayerTimer._cache.clear()  # the first run builds the table from nothing
+        groups, planner, measure = setup(model, x, pool, batch, cache, args.seconds, args.scope)
+        scores = l1_scores(model, x, groups, 10)
+        most, _ = latency.reachable(planner, measure, 0.0, batch, TOLERANCE)  # the narrowest plan, measured
+        for target in args.targets:
+            t0 = time.perf_counter()
+            if target > most + TOLERANCE:  # an unreachable target is a result too
+                rows.append({"model": name, "batch": batch, "requested": target, "error": f"most {most:.3f}"})
+                print(fmt_reach(rows[-1]), flush=True)
+                continue
+            result = latency.plan(planner, measure, target, scores=scores, tolerance=TOLERANCE, most=most)
+            wall = time.perf_counter() - t0
+            confirm = latency.plan_timer(model, x, groups, pool, batch, seconds=args.confirm_seconds)
+            base_ms, (ms,) = confirm([result.counts])
+            sel = latency.to_selection(planner, result, scores, batch, "torch")
+            row = {
+                "model": name, "batch": batch, "requested": target, "loop": result.achieved,
+                "confirmed": 1 - ms / base_ms, "base_ms": base_ms, "pruned_ms": ms, "rounds": len(result.rounds),
+                "macs_removed": 1 - sel.macs / sel.base_macs, "most": most, "seconds": wall,
+            }  # fmt: skip
+            if args.onnxruntime:
+                ort = latency.plan_timer(model, x, groups, pool, batch, seconds=args.confirm_seconds,
+                                         runtime="onnxruntime")  # fmt: skip
+                ort_base, (ort_ms,) = ort([result.counts])
+                macs_speedup = sel.base_macs / sel.macs
+                row.update(ort_base_ms=ort_base, ort_pruned_ms=ort_ms, torch_ratio=(base_ms / ms) / macs_speedup,
+                           ort_ratio=(ort_base / ort_ms) / macs_speedup)  # fmt: skip
+            rows.append(row)
+            print(fmt_reach(row), flush=True)
+        planner.table.save()
     return rows
 
 
@@ -117,34 +125,30 @@ def table_reuse(args, cache: Path) -> list[dict]:
     """The table built on an empty cache folder, then again from the cache (a new table object, no in-process
     timings): shapes timed, share reused, seconds spent timing."""
     rows = []
-    for name in args.models:
-        torch.manual_seed(0)
-        model = models.create_model(name, num_classes=10).eval()
-        x = torch.randn(1, 3, 32, 32)
-        for batch in args.batches:
-            runs = []
-            for folder in (cache / f"fresh-{name}-{batch}", cache / f"fresh-{name}-{batch}"):
-                LayerTimer._cache.clear()
-                groups = selection.groups_in_scope(surgery.channel_groups(model, x), args.scope)
-                t0 = time.perf_counter()
-                table = latency.LatencyTable(model, x, batch, cache=folder)
-                planner = latency.LatencyPlanner(CostModel(model, x), table, groups)
-                planner.costs(planner.full)
-                table.save()
-                runs.append((table.timed, table.reused, time.perf_counter() - t0))
-            (timed, _, first_s), (timed2, reused2, second_s) = runs
-            rows.append({"model": name, "batch": batch, "shapes": timed, "build_s": first_s,
-                         "reused_share": reused2 / max(1, reused2 + timed2), "second_s": second_s})  # fmt: skip
-            r = rows[-1]
-            print(f"| {name} | {batch} | {r['shapes']} | {r['build_s']:.1f} | {r['reused_share']:.3f} | "
-                  f"{r['second_s']:.2f} |", flush=True)  # fmt: skip
+    for name, model, x, batch in zoo_cases(args):
+        runs = []
+        for folder in (cache / f"fresh-{name}-{batch}", cache / f"fresh-{name}-{batch}"):
+            LayerTimer._cache.clear()
+            groups = selection.groups_in_scope(surgery.channel_groups(model, x), args.scope)
+            t0 = time.perf_counter()
+            table = latency.LatencyTable(model, x, batch, cache=folder)
+            planner = latency.LatencyPlanner(CostModel(model, x), table, groups)
+            planner.costs(planner.full)
+            table.save()
+            runs.append((table.timed, table.reused, time.perf_counter() - t0))
+        (timed, _, first_s), (timed2, reused2, second_s) = runs
+        rows.append({"model": name, "batch": batch, "shapes": timed, "build_s": first_s,
+                     "reused_share": reused2 / max(1, reused2 + timed2), "second_s": second_s})  # fmt: skip
+        r = rows[-1]
+        print(f"| {name} | {batch} | {r['shapes']} | {r['build_s']:.1f} | {r['reused_share']:.3f} | "
+              f"{r['second_s']:.2f} |", flush=True)  # fmt: skip
     return rows
 
 
 def equal_latency(args, cache: Path, path: Path) -> list[dict]:
     """Latency-targeted L1 against uniform MAC-targeted L1 at the same measured latency, top-1 before fine-tuning."""
-    base, dataset, splits = pipeline.load_model_and_data(path, None, None, seed=0)
-    x = pipeline.example_input(splits)
+    base, dataset, splits = loading.load_model_and_data(path, None, None, seed=0)
+    x = loading.example_input(splits)
     test = D.to_float(splits.test.x[: args.base_images], splits)
     rows = []
     for batch in args.batches:
@@ -222,7 +226,7 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=["reach", "table", "accuracy"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"machine: {pipeline.machine()}; load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} "
+    print(f"machine: {machine()}; load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} "
           f"cores; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="prune-cli-latency-") as tmp:
         cache = Path(tmp)

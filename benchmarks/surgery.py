@@ -24,7 +24,7 @@ from torch import nn
 import models
 from prune_cli.api import Context, Target, get_criterion
 from prune_cli.metrics import count_macs, measure_latency
-from prune_cli.run import steps as pipeline
+from prune_cli.run.environment import machine
 from prune_cli.selection.plan import groups_in_scope, select
 from prune_cli.surgery import channel_groups, prune
 
@@ -84,7 +84,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    print(f"machine: {pipeline.machine()}")
+    print(f"machine: {machine()}")
     print("\n1. surgery wall time, same plan (half of every prunable group), median of", args.repeats)
     for name in ("resnet56", "vgg16", "torchvision:resnet50"):
         model = models.create_model(name, num_classes=10).eval()

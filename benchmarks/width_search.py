@@ -26,7 +26,7 @@ import torch
 
 import models
 from prune_cli.metrics import count_macs, measure_latency
-from prune_cli.run import steps as pipeline
+from prune_cli.run.environment import machine
 from prune_cli.selection.plan import groups_in_scope
 from prune_cli.surgery import CostModel, channel_groups, prune
 
@@ -69,7 +69,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    print(f"machine: {pipeline.machine()}")
+    print(f"machine: {machine()}")
 
     model = models.create_model(args.model, num_classes=10).eval().to(device)
     x = torch.randn(1, 3, 32, 32, device=device)

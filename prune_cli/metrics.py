@@ -1,4 +1,5 @@
-"""Top-1 lives in the engine; here: parameters, MACs (static and per input), latency and file size.
+"""Top-1 lives in the engine; here: parameters, MACs (static and per input), latency and file size, and a model's
+measurement for a run record (`measure`, `time_side_by_side`: figures with the conditions they were taken under).
 
 Counting convention (METHODS.md): MACs of conv and linear layers only, i.e. `torch.utils.flop_counter` FLOPs of
 convolution and matrix-multiply ops, halved. Parameters: weights and biases of conv and linear layers (the
@@ -13,10 +14,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from prune_cli.data import splits as D
 
 _COUNTED_OPS = ("convolution", "mm", "addmm", "bmm", "baddbmm")
 
@@ -161,3 +165,65 @@ def per_input_macs(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     n = x.shape[0]
     macs = count_macs(model, x[:1])
     return torch.full((n,), float(macs)), torch.zeros(n)
+
+
+def measure(
+    model: nn.Module, splits: D.Splits, *, latency_batches: Sequence[int] = (1, 64), device: torch.device | None = None,
+    latency_seconds: float = 2.0, runtime: str = "torch",
+) -> dict[str, Any]:  # fmt: skip
+    """Parameters, MACs per image, and latency at each batch size (see `time_side_by_side`)."""
+    from prune_cli.api import dynamic
+
+    device = device or next(model.parameters()).device
+    x = D.to_float(splits.train.x[:1], splits, device=device)  # the example input (run.loading)
+    out: dict[str, Any] = {"params": count_params(model), "macs": count_macs(model, x)}
+    if dynamic.is_dynamic(model):  # the cost depends on the input: average the executed MACs over test images
+        per_input, overhead = per_input_macs(model, D.to_float(splits.test.x[:1024], splits, device=device))
+        out.update(macs=float(per_input.mean()), macs_std=float(per_input.std()), overhead_macs=float(overhead.mean()))
+    out.update(time_side_by_side([model], splits, latency_batches=latency_batches, device=device,
+                                 latency_seconds=latency_seconds, rounds=1, runtime=runtime)[0])  # fmt: skip
+    return out
+
+
+def time_side_by_side(
+    models: Sequence[nn.Module], splits: D.Splits, *, latency_batches: Sequence[int] = (1, 64),
+    device: torch.device | None = None, latency_seconds: float = 2.0, rounds: int = 4, runtime: str = "torch",
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Latency of each model at each batch size (median ms, p10-p90 spread, on consecutive batches of test images),
+    with the threads, device and load average it was timed under.
+
+    The models take turns (`latency_in_turns`): `rounds` turns each of about `latency_seconds / rounds` per
+    batch size, each figure the median of its turns. `runtime` onnxruntime: each model is exported to ONNX and timed
+    in an ONNX Runtime session (CPU; see store/onnx.py).
+    """
+    device = device or next(models[0].parameters()).device
+    # Real, varied images: a dynamic model's time depends on them (and on its caches, which one repeated input would
+    # always hit). At batch 1 an image comes back after 255 others; a larger batch size gets at least two batches.
+    out: list[dict[str, Any]] = [{} for _ in models]
+    if latency_batches:
+        n = max(256, 2 * max(latency_batches))
+        pool = D.to_float(splits.test.x[:n], splits, device=device)
+        if runtime != "torch":
+            from prune_cli.selection.latency import as_runtime
+
+            models = [as_runtime(m, runtime, pool[:1]) for m in models]
+    for b in latency_batches:
+        timed = latency_in_turns(models, pool, b, max_seconds=latency_seconds, rounds=rounds)
+        for fields, (median_ms, spread_ms) in zip(out, timed, strict=True):
+            fields[f"latency_b{b}_ms"], fields[f"latency_b{b}_spread_ms"] = median_ms, spread_ms
+    # Other busy processes make CPU latency meaningless (threads wait for each other's time slices): record it.
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    for fields in out:
+        fields.update(threads=torch.get_num_threads(), device=str(device), load_average=load, runtime=runtime)
+    return out
+
+
+def busy_machine_warning(measured: dict[str, Any]) -> str | None:
+    """A warning when the machine was busier than its cores while latency was measured, else None. The load average
+    counts the timing process's own threads (one process timing on every core reads about the number of cores), so
+    it takes half a core more to warn."""
+    load, cores = measured.get("load_average"), os.cpu_count() or 1
+    if load is not None and measured.get("device") == "cpu" and load > cores + 0.5:
+        return (f"the machine was busy while timing (load average {load:.1f} on {cores} cores): "
+                "latency figures are unreliable; rerun on an idle machine")  # fmt: skip
+    return None

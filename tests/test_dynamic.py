@@ -13,7 +13,6 @@ from prune_cli.api.dynamic import DynamicModule, is_dynamic, per_input_macs
 from prune_cli.api.graph import trace
 from prune_cli.data.splits import load_dataset, make_splits
 from prune_cli.errors import UnsupportedGraph
-from prune_cli.run import steps as pipeline
 from prune_cli.surgery import channel_groups
 
 
@@ -153,7 +152,7 @@ def test_models_timed_side_by_side_take_turns():
             order.append(self.name)
             return x
 
-    out = pipeline.time_side_by_side(
+    out = metrics.time_side_by_side(
         [Named("a"), Named("b")], splits, latency_batches=(1, 4), latency_seconds=0.01, rounds=3
     )
     assert [name for name, _ in itertools.groupby(order)] == ["a", "b"] * 6  # 3 turns each per batch size

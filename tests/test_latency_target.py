@@ -237,14 +237,12 @@ def base(tmp_path_factory):
 @pytest.fixture
 def quick_timing(tmp_path, monkeypatch):
     """A cache folder of the test's own, and short timings (what is timed does not matter here, only the flow)."""
-    from prune_cli.run import steps as pipeline
+    from prune_cli import metrics
 
     monkeypatch.setenv(L.CACHE_ENV, str(tmp_path / "cache"))
-    plan_timer, side_by_side = L.plan_timer, pipeline.time_side_by_side
+    plan_timer, side_by_side = L.plan_timer, metrics.time_side_by_side
     monkeypatch.setattr(L, "plan_timer", lambda *a, **k: plan_timer(*a, **{**k, "seconds": 0.1}))
-    monkeypatch.setattr(
-        pipeline, "time_side_by_side", lambda *a, **k: side_by_side(*a, **{**k, "latency_seconds": 0.1})
-    )
+    monkeypatch.setattr(metrics, "time_side_by_side", lambda *a, **k: side_by_side(*a, **{**k, "latency_seconds": 0.1}))
 
 
 @pytest.mark.parametrize(

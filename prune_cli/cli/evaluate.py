@@ -11,19 +11,13 @@ from prune_cli.cli import options as O
 from prune_cli.cli import ui
 
 
+@O.grouped(run="latency_batches runtime seed trust_factory device threads json quiet")
 def evaluate(
     model_file: Annotated[Path, typer.Argument(help="A .safetensors model file written by prune-cli.")],
     dataset: O.Dataset = None,
     data_dir: O.DataDir = None,
-    split: Annotated[str, typer.Option(help="test or val.", rich_help_panel=O.DATA)] = "test",
-    latency_batches: O.LatencyBatches = "1,64",
-    runtime: O.Runtime = "torch",
-    seed: O.Seed = 0,
-    trust_factory: O.TrustFactory = None,
-    device: O.Device = None,
-    threads: O.Threads = None,
-    json: O.Json = False,
-    quiet: O.Quiet = False,
+    split: O.Split = "test",
+    run: O.RunOptions = O.RunOptions(),
 ) -> None:
     """Evaluate MODEL_FILE: top-1 (top-5 over 10 classes), params, MACs, latency (median, p10-p90), file size.
 
@@ -31,21 +25,20 @@ def evaluate(
     """
     from prune_cli import engine, metrics
     from prune_cli.errors import BadValue
-    from prune_cli.run import steps as pipeline
+    from prune_cli.run import loading
 
-    ui.quiet = quiet
-    dev = pipeline.setup_runtime(device, threads, seed)
-    batches = pipeline.parse_batches(latency_batches)
+    dev = run.setup()
+    batches = run.batches()
     if split not in ("test", "val"):
         raise BadValue(f"--split must be test or val, got {split!r}")
-    if runtime not in ("torch", "onnxruntime"):
-        raise BadValue(f"--runtime must be torch or onnxruntime, got {runtime!r}")
-    if runtime == "onnxruntime":
+    if run.runtime not in ("torch", "onnxruntime"):
+        raise BadValue(f"--runtime must be torch or onnxruntime, got {run.runtime!r}")
+    if run.runtime == "onnxruntime":
         from prune_cli.store.onnx import require_onnx
 
         require_onnx()  # before loading data
-    net, dataset, splits = pipeline.load_model_and_data(
-        model_file, dataset, data_dir, seed=seed, device=dev, trust=trust_factory or ()
+    net, dataset, splits = loading.load_model_and_data(
+        model_file, dataset, data_dir, seed=run.seed, device=dev, trust=run.trust
     )
     result = engine.evaluate(net, getattr(splits, split), splits, device=dev)
     row = {
@@ -56,12 +49,12 @@ def evaluate(
         "top5": result.top5,
         "loss": result.loss,
         "images": result.images,
-        **pipeline.measure(net, splits, latency_batches=batches, device=dev, runtime=runtime),
+        **metrics.measure(net, splits, latency_batches=batches, device=dev, runtime=run.runtime),
         "file_bytes": metrics.file_size(model_file),
     }
-    if warning := pipeline.busy_machine_warning(row):
+    if warning := metrics.busy_machine_warning(row):
         ui.warn(warning)
-    if json:
+    if run.json:
         ui.print_json(row)
         return
     shown = dict(row)

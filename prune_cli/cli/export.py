@@ -11,6 +11,7 @@ from prune_cli.cli import options as O
 from prune_cli.cli import ui
 
 
+@O.grouped(run="seed trust_factory threads json quiet")
 def export(
     model_file: Annotated[Path, typer.Argument(help="A .safetensors model file written by prune-cli.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The ONNX file to write.", rich_help_panel=O.OUTPUT)],
@@ -21,11 +22,7 @@ def export(
     ] = 1000,
     dataset: O.Dataset = None,
     data_dir: O.DataDir = None,
-    seed: O.Seed = 0,
-    trust_factory: O.TrustFactory = None,
-    threads: O.Threads = None,
-    json: O.Json = False,
-    quiet: O.Quiet = False,
+    run: O.RunOptions = O.RunOptions(),
 ) -> None:  # fmt: skip
     """Export MODEL_FILE to ONNX (opset 17, dynamic batch axis: input (batch, C, H, W) -> logits (batch, classes)),
     then run it with ONNX Runtime on test images of the file's dataset and count the predictions equal to torch's.
@@ -34,22 +31,21 @@ def export(
     """
     from prune_cli.data import splits as D
     from prune_cli.errors import BadValue
-    from prune_cli.run import steps as pipeline
+    from prune_cli.run import loading
     from prune_cli.store import onnx as E
     from prune_cli.store.files import atomic_write, check_output
 
-    ui.quiet = quiet
     E.require_onnx()
     if out.suffix != ".onnx":
         raise BadValue(f"--out must end in .onnx, got {out.name!r}")
     if check_images < 0:
         raise BadValue(f"--check-images must be >= 0, got {check_images}")
     check_output(out)
-    pipeline.setup_runtime("cpu", threads, seed)
-    net, dataset, splits = pipeline.load_model_and_data(
-        model_file, dataset, data_dir, seed=seed, device="cpu", trust=trust_factory or ()
+    run.setup("cpu")
+    net, dataset, splits = loading.load_model_and_data(
+        model_file, dataset, data_dir, seed=run.seed, device="cpu", trust=run.trust
     )
-    data = E.to_onnx(net, pipeline.example_input(splits))
+    data = E.to_onnx(net, loading.example_input(splits))
     ui.info(f"exported to ONNX (opset {E.OPSET}, TorchScript exporter, dynamic batch axis); checking with ONNX Runtime")
     row = {"model_file": str(model_file), "out": str(out), "opset": E.OPSET, "bytes": len(data), "dataset": dataset}
     if check_images:
@@ -60,7 +56,7 @@ def export(
     if check_images and row["equal_predictions"] < row["images"] * 0.999:
         ui.warn(f"ONNX Runtime and torch disagree on {row['images'] - row['equal_predictions']} of {row['images']} "
                 "test images (more than 1 in 1,000)")  # fmt: skip
-    if json:
+    if run.json:
         ui.print_json(row)
         return
     shown = dict(row)

@@ -1,11 +1,23 @@
-"""Shared option aliases, so that a flag has the same name and help in every command."""
+"""Shared options: Annotated aliases, so that a flag has the same name and help in every command, and the groups of
+options several commands take together (`RunOptions`, `SelectOptions`, given to a command by `grouped`)."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
+
+if TYPE_CHECKING:
+    import torch
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 DATA = "Data"
 TRAIN = "Training"
@@ -27,6 +39,7 @@ Dataset = Annotated[
 DataDir = Annotated[
     Path | None, typer.Option("--data-dir", help="Folder holding the dataset files.", rich_help_panel=DATA)
 ]
+Split = Annotated[str, typer.Option(help="test or val.", rich_help_panel=DATA)]
 Seed = Annotated[int, typer.Option("--seed", help="Seed for splits, initialisation and sampling.", rich_help_panel=RUN)]
 Device = Annotated[
     str | None, typer.Option("--device", help="cpu, cuda, cuda:1 (default: cuda if available).", rich_help_panel=RUN)
@@ -98,3 +111,101 @@ BnRecalibration = Annotated[
         rich_help_panel=PRUNE,
     ),
 ]
+
+
+# ------------------------------------------------------------------------------------------------ option groups
+@dataclass(frozen=True)
+class RunOptions:
+    """Where and how a command runs: the options every command shares, declared once (see `grouped`)."""
+
+    latency_batches: LatencyBatches = "1,64"
+    runtime: Runtime = "torch"
+    seed: Seed = 0
+    trust_factory: TrustFactory = None
+    device: Device = None
+    threads: Threads = None
+    json: Json = False
+    quiet: Quiet = False
+
+    @property
+    def trust(self) -> tuple[str, ...]:
+        """The user factories a model file may name (`modelfile.load_model`)."""
+        return tuple(self.trust_factory or ())
+
+    def batches(self) -> list[int]:
+        """--latency-batches as batch sizes (a bad list is a user error)."""
+        return parse_batches(self.latency_batches)
+
+    def setup(self, device: str | None = None) -> torch.device:
+        """Seed torch, set the threads and resolve the device (`device` overrides --device)."""
+        from prune_cli.run.environment import setup_runtime
+
+        return setup_runtime(device or self.device, self.threads, self.seed)
+
+
+@dataclass(frozen=True)
+class SelectOptions:
+    """How scores become a keep-plan: the selection options `prune` and `score` share."""
+
+    mode: Mode = "uniform"
+    scope: Scope = "internal"
+    round_to: RoundTo = 1
+    fast_widths: FastWidths = 0
+    max_ratio: MaxRatio = 0.9
+    calib_images: CalibImages = 1024
+
+
+def grouped(**groups: str) -> Callable[[F], F]:
+    """Give a command the options of groups, declared once above, in place of one parameter per group.
+
+    Each keyword names a parameter of the command annotated with a group (`RunOptions`, `SelectOptions`); its value
+    lists, space separated, the group's options the command offers, in the order its --help shows them. The command
+    then receives one group value (the options it does not offer at their defaults), and `ui.quiet` is set first.
+
+        @grouped(run="seed device threads json quiet")
+        def train(model: Model = "resnet20", run: RunOptions = RunOptions()) -> None: ...
+    """
+
+    def wrap(fn: F) -> F:
+        signature = inspect.signature(fn, eval_str=True)
+        params: list[inspect.Parameter] = []
+        offered: dict[str, tuple[type, list[str]]] = {}
+        for p in signature.parameters.values():
+            if p.name not in groups:
+                params.append(p)
+                continue
+            group, names = p.annotation, groups[p.name].split()
+            declared = typing.get_type_hints(group, include_extras=True)
+            defaults = {f.name: f.default for f in dataclasses.fields(group)}
+            params += [inspect.Parameter(n, p.kind, annotation=declared[n], default=defaults[n]) for n in names]
+            offered[p.name] = (group, names)
+
+        @functools.wraps(fn)
+        def command(**kwargs: Any) -> Any:
+            for name, (group, names) in offered.items():
+                kwargs[name] = group(**{n: kwargs.pop(n) for n in names})
+            run = next((v for v in kwargs.values() if isinstance(v, RunOptions)), None)
+            if run is not None:
+                from prune_cli.cli import ui
+
+                ui.quiet = run.quiet
+            return fn(**kwargs)
+
+        command.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command  # type: ignore[return-value]
+
+    return wrap
+
+
+def parse_batches(text: str) -> list[int]:
+    """A comma-separated list of batch sizes (--latency-batches) as integers; a bad list is a user error."""
+    from prune_cli.errors import BadValue
+
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise BadValue(f"latency batches must be integers separated by commas, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise BadValue(f"latency batches must be positive integers, got {text!r}")
+    return values

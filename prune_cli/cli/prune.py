@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -11,6 +12,10 @@ from prune_cli.cli import options as O
 from prune_cli.cli import ui
 
 
+@O.grouped(
+    select="mode scope round_to fast_widths max_ratio calib_images",
+    run="latency_batches runtime seed trust_factory device threads json quiet",
+)
 def prune(
     model_file: Annotated[Path, typer.Argument(help="A trained .safetensors model file.")],
     criterion: Annotated[str, typer.Option("--criterion", "-c", help="See `prune-cli list criteria`.")] = "l1",
@@ -22,12 +27,7 @@ def prune(
         list[str] | None,
         typer.Option("--opt", help="Criterion option name=value (repeatable).", rich_help_panel=O.PRUNE),
     ] = None,
-    mode: O.Mode = "uniform",
-    scope: O.Scope = "internal",
-    round_to: O.RoundTo = 1,
-    fast_widths: O.FastWidths = 0,
-    max_ratio: O.MaxRatio = 0.9,
-    calib_images: O.CalibImages = 1024,
+    select: O.SelectOptions = O.SelectOptions(),
     bn_recalibration: O.BnRecalibration = True,
     finetune_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs (0: none).", rich_help_panel=O.TRAIN)] = 0,
     lr: O.Lr = 0.01,
@@ -37,26 +37,18 @@ def prune(
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Pruned model file.", rich_help_panel=O.OUTPUT)
     ] = None,
-    latency_batches: O.LatencyBatches = "1,64",
-    runtime: O.Runtime = "torch",
-    seed: O.Seed = 0,
-    trust_factory: O.TrustFactory = None,
-    device: O.Device = None,
-    threads: O.Threads = None,
-    json: O.Json = False,
-    quiet: O.Quiet = False,
+    run: O.RunOptions = O.RunOptions(),
 ) -> None:
     """Prune MODEL_FILE with a criterion to a MACs (or params) target, fine-tune, and compare with the original.
 
     Example: prune-cli prune base.safetensors --criterion dcs --target-macs 0.5 --finetune-epochs 10 --out p.safetensors
     """
+    from prune_cli import metrics
     from prune_cli.api import Target
     from prune_cli.config import parse_key_values
     from prune_cli.errors import BadValue
     from prune_cli.run import pruning
-    from prune_cli.run import steps as pipeline
 
-    ui.quiet = quiet
     if sum(t is not None for t in (target_macs, target_params, target_latency)) != 1:
         raise BadValue(
             "give exactly one of --target-macs, --target-params or --target-latency (the fraction to remove)"
@@ -75,28 +67,26 @@ def prune(
         from prune_cli.store.files import check_output
 
         check_output(out)  # now, not after the scoring and fine-tuning
-    if runtime == "onnxruntime":
+    if run.runtime == "onnxruntime":
         from prune_cli.store.onnx import require_onnx
 
         require_onnx()  # now, not after the scoring
-    dev = pipeline.setup_runtime(device, threads, seed)
+    dev = run.setup()
     job = pruning.PruneJob(
-        criterion=criterion, options=parse_key_values(opt), target=target, mode=mode, scope=scope,
-        round_to=round_to, fast_widths=fast_widths, max_ratio=max_ratio, calib_images=calib_images,
-        finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size, seed=seed, recalibrate_bn=bn_recalibration,
-        latency_batches=tuple(dict.fromkeys([*pipeline.parse_batches(latency_batches),
-                                             *([latency_batch] if target_latency else [])])),
+        criterion=criterion, options=parse_key_values(opt), target=target, **asdict(select),
+        finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size, seed=run.seed, recalibrate_bn=bn_recalibration,
+        latency_batches=tuple(dict.fromkeys([*run.batches(), *([latency_batch] if target_latency else [])])),
         target_latency=target_latency or 0.0,
-        latency_batch=latency_batch, runtime=runtime,
+        latency_batch=latency_batch, runtime=run.runtime,
     )  # fmt: skip
     with ui.RichReporter() as reporter:
         outcome = pruning.run(model_file, job, dataset=dataset, data_dir=data_dir, device=dev, reporter=reporter,
-                              log=ui.info, trust=trust_factory or ())  # fmt: skip
+                              log=ui.info, trust=run.trust)  # fmt: skip
     if out is not None:
         pruning.save(outcome, out)
-    if warning := pipeline.busy_machine_warning(outcome.after):
+    if warning := metrics.busy_machine_warning(outcome.after):
         ui.warn(warning)
-    if json:
+    if run.json:
         ui.print_json({**outcome.summary(), "out": str(out) if out else None})
         return
     show(outcome.summary(), job.latency_batches)

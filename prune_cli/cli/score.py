@@ -7,17 +7,15 @@ Sensitivity also writes `<stem>_sweep.csv` and `<stem>_sweep.png`; `--compare-ch
 criterion on a second model file and reports how alike the two layer rankings are (Spearman, Kendall).
 
 `--criterion all` runs every registered static criterion and prints the mean over groups of the per-group
-Spearman correlation between every two criteria (`<stem>_spearman.csv`). Each criterion needs a per-channel
-number for that: its score (`Scores`); kept 1 / removed 0 at the target (`Plan`); for an `Allocation`, the
-scores of its `rank` criterion (the channels it keeps inside a group are the rank criterion's best, so within
-a group it orders channels exactly as that criterion: with rank l1 it correlates 1.0 with l1 by construction).
+Spearman correlation between every two criteria (`<stem>_spearman.csv`). The correlations are computed in
+`prune_cli.report.correlations`; this module parses, writes and prints.
 """
 
 from __future__ import annotations
 
 import csv
-import math
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,6 +25,9 @@ from prune_cli.cli import options as O
 from prune_cli.cli import ui
 
 
+@O.grouped(
+    select="mode scope round_to fast_widths max_ratio calib_images", run="seed trust_factory device threads quiet"
+)
 def score(
     model_file: Annotated[Path, typer.Argument(help="A trained .safetensors model file.")],
     criterion: Annotated[
@@ -43,23 +44,14 @@ def score(
             "--opt", help="Criterion option name=value, or criterion.name=value (repeatable).", rich_help_panel=O.PRUNE
         ),
     ] = None,
-    mode: O.Mode = "uniform",
-    scope: O.Scope = "internal",
-    round_to: O.RoundTo = 1,
-    fast_widths: O.FastWidths = 0,
-    max_ratio: O.MaxRatio = 0.9,
-    calib_images: O.CalibImages = 1024,
+    select: O.SelectOptions = O.SelectOptions(),
     compare_checkpoint: Annotated[
         Path | None,
         typer.Option(help="Second model file: compare its layer ranking with this one's.", rich_help_panel=O.OUTPUT),
     ] = None,
     dataset: O.Dataset = None,
     data_dir: O.DataDir = None,
-    seed: O.Seed = 0,
-    trust_factory: O.TrustFactory = None,
-    device: O.Device = None,
-    threads: O.Threads = None,
-    quiet: O.Quiet = False,
+    run: O.RunOptions = O.RunOptions(),
 ) -> None:
     """Score MODEL_FILE's channels with a criterion and write the scores (or ratios, or kept sets) as CSV.
 
@@ -71,12 +63,11 @@ def score(
     from prune_cli.api import Target, check_result
     from prune_cli.config import parse_key_values
     from prune_cli.errors import BadValue, PruneCliError
-    from prune_cli.run import pruning
-    from prune_cli.run import steps as pipeline
+    from prune_cli.report import correlations
+    from prune_cli.run import loading, pruning
     from prune_cli.selection import plan as selection
     from prune_cli.store.files import check_output
 
-    ui.quiet = quiet
     if target_macs is not None and target_params is not None:
         raise BadValue("give at most one of --target-macs or --target-params (the fraction to remove)")
     target = Target("params", target_params) if target_params is not None else Target("macs", target_macs or 0.5)
@@ -90,30 +81,29 @@ def score(
     if compare_checkpoint is not None and criterion == "all":
         raise BadValue("--compare-checkpoint compares one criterion's layer rankings: name the criterion")
     options = split_options(parse_key_values(opt), names)
-    common = dict(target=target, mode=mode, scope=scope, round_to=round_to, fast_widths=fast_widths,
-                  max_ratio=max_ratio, calib_images=calib_images, seed=seed)  # fmt: skip
+    common = dict(target=target, **asdict(select), seed=run.seed)
     jobs = {n: pruning.PruneJob(criterion=n, options=options[n], **common) for n in names}  # type: ignore[arg-type]
     crits = {n: pruning.build_criterion(n, options[n]) for n in names}  # bad names and options fail before loading
     if criterion != "all" and crits[criterion].dynamic:
         raise BadValue(f"{criterion!r} is a dynamic criterion: it has no static channel scores to write")
-    dev = pipeline.setup_runtime(device, threads, seed)
-    base, dataset, splits = pipeline.load_model_and_data(
-        model_file, dataset, data_dir, seed=seed, device=dev, trust=trust_factory or ()
+    dev = run.setup()
+    base, dataset, splits = loading.load_model_and_data(
+        model_file, dataset, data_dir, seed=run.seed, device=dev, trust=run.trust
     )
     other = None
     if compare_checkpoint is not None:  # a bad second file fails now, not after the first one is scored
-        other, _, _ = pipeline.load_model_and_data(
-            compare_checkpoint, dataset, data_dir, seed=seed, device=dev, trust=trust_factory or ()
+        other, _, _ = loading.load_model_and_data(
+            compare_checkpoint, dataset, data_dir, seed=run.seed, device=dev, trust=run.trust
         )
-    example = pipeline.example_input(splits).to(dev)
+    example = loading.example_input(splits).to(dev)
     groups = surgery.channel_groups(base, example)
-    in_scope = selection.groups_in_scope(groups, scope)
-    selection.check_reachable(surgery.CostModel(base, example), in_scope, target, round_to, max_ratio)
+    in_scope = selection.groups_in_scope(groups, select.scope)
+    selection.check_reachable(surgery.CostModel(base, example), in_scope, target, select.round_to, select.max_ratio)
 
     def score_one(model, name: str, reporter) -> tuple[Any, Any, dict, dict]:
         ctx = pruning.make_context(model, surgery.channel_groups(model, example), splits, crits[name], jobs[name],
                                    dev, ui.info, reporter.counter)  # fmt: skip
-        torch.manual_seed(seed)
+        torch.manual_seed(run.seed)
         result = check_result(crits[name].run(ctx), ctx.groups)
         keep, _, report = pruning.plan_from_result(result, ctx, jobs[name])
         return ctx, result, keep, report
@@ -131,7 +121,7 @@ def score(
                 ui.warn(f"{name}: {exc} (left out)")
                 continue
             if criterion == "all":
-                proxies[name] = channel_proxy(result, ctx)
+                proxies[name] = correlations.channel_proxy(result, ctx)
                 long_rows += [{"criterion": name, "result": type(result).__name__, **r}
                               for r in channel_rows(proxies[name], keep, ctx.groups)]  # fmt: skip
                 continue
@@ -148,7 +138,7 @@ def score(
     if criterion == "all":
         write_csv(out, long_rows)
         ui.info(f"wrote {len(long_rows)} rows to {out}")
-        matrix = spearman_matrix(proxies)
+        matrix = correlations.spearman_matrix(proxies)
         path = out.with_name(f"{out.stem}_spearman.csv")
         write_csv(path, [{"criterion": a, **{b: matrix[a][b] for b in matrix}} for a in matrix])
         ui.grid(["criterion", *matrix], [[a, *(matrix[a][b] for b in matrix)] for a in matrix],
@@ -181,88 +171,39 @@ def split_options(values: Mapping[str, str], names: Sequence[str]) -> dict[str, 
 
 
 # ---------------------------------------------------------------------------------------------------- tables
-def _ranks(scores) -> list[int]:
-    """1 = best (highest score); ties rank the lower channel first, as the selection keeps them."""
-    import torch
-
-    order = torch.sort(-scores.double(), stable=True).indices.tolist()
-    rank = [0] * len(order)
-    for r, c in enumerate(order, start=1):
-        rank[c] = r
-    return rank
-
-
-def _kept_mask(keep: Mapping[str, Any], g) -> list[int]:
-    if g.id not in keep:
-        return [1] * g.size
-    kept = set(keep[g.id].tolist())
-    return [int(c in kept) for c in range(g.size)]
-
-
 def result_rows(result, ctx, keep: Mapping[str, Any]) -> list[dict]:
     """The CSV rows of one criterion's result (see the module docstring)."""
     from prune_cli.api import Allocation, Plan, Scores
+    from prune_cli.report.correlations import kept_mask
 
     rows: list[dict] = []
     if isinstance(result, Scores):
         return channel_rows(dict(result.per_group), keep, ctx.groups)
     if isinstance(result, Plan):
         for g in ctx.groups:
-            rows += [{"group": g.id, "channel": c, "kept": k} for c, k in enumerate(_kept_mask(keep, g))]
+            rows += [{"group": g.id, "channel": c, "kept": k} for c, k in enumerate(kept_mask(keep, g))]
         return rows
     assert isinstance(result, Allocation)
     per_group = {k: v for k, v in result.extra.items() if isinstance(v, Mapping) and set(v) >= set(result.ratios)}
     for g in ctx.groups:
-        kept = sum(_kept_mask(keep, g))
+        kept = sum(kept_mask(keep, g))
         row = {"group": g.id, "size": g.size, "ratio": float(result.ratios.get(g.id, 0.0)), "kept": kept}
         rows.append({**row, **{k: v[g.id] for k, v in per_group.items()}})
     return rows
 
 
 def channel_rows(scores: Mapping[str, Any], keep: Mapping[str, Any], groups) -> list[dict]:
+    """One row per channel: its score, its rank (1 = best) and whether the plan keeps it."""
+    from prune_cli.report.correlations import kept_mask, ranks
+
     rows = []
     for g in groups:
         if g.id not in scores:
             continue
-        s, ranks, kept = scores[g.id], _ranks(scores[g.id]), _kept_mask(keep, g)
-        rows += [{"group": g.id, "channel": c, "score": float(s[c]), "rank": ranks[c], "kept": kept[c]}
+        s, rank, kept = scores[g.id], ranks(scores[g.id]), kept_mask(keep, g)
+        rows += [{"group": g.id, "channel": c, "score": float(s[c]), "rank": rank[c], "kept": kept[c]}
                  for c in range(g.size)]  # fmt: skip
     return rows
-
-
-def channel_proxy(result, ctx) -> dict[str, Any]:
-    """A per-channel number for rank correlations (see the module docstring for the choice per result type)."""
-    import torch
-
-    from prune_cli.api import Allocation, Plan, Scores
-    from prune_cli.run import pruning
-
-    if isinstance(result, Scores):
-        return dict(result.per_group)
-    if isinstance(result, Allocation):
-        return dict(pruning.build_criterion(result.rank, {}).run(ctx).per_group)
-    assert isinstance(result, Plan)
-    return {g.id: torch.tensor(_kept_mask(result.keep, g), dtype=torch.float64) for g in ctx.groups}
-
-
-def spearman_matrix(proxies: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
-    """Mean over shared groups of Spearman's rho between two criteria's channel numbers (NaN: no usable group).
-
-    A group where either criterion gives every channel the same number has no ranking and is left out.
-    """
-    from scipy.stats import spearmanr
-
-    names = list(proxies)
-    out: dict[str, dict[str, float]] = {a: {} for a in names}
-    for a in names:
-        for b in names:
-            rhos = []
-            for gid in proxies[a].keys() & proxies[b].keys():
-                x, y = proxies[a][gid].double().numpy(), proxies[b][gid].double().numpy()
-                if len(x) > 1 and x.std() > 0 and y.std() > 0:
-                    rhos.append(float(spearmanr(x, y).statistic))
-            out[a][b] = sum(rhos) / len(rhos) if rhos else math.nan
-    return out
 
 
 def show(result, ctx, keep, report: Mapping[str, Any], name: str) -> None:
@@ -330,45 +271,24 @@ def write_sweep(out: Path, sweep: Sequence[Mapping[str, Any]], baseline: Mapping
 
 def compare_rankings(a, b, out: Path, name_a: str, name_b: str) -> dict[str, float]:
     """Spearman and Kendall between the per-group sensitivities of two checkpoints; `<stem>_compare.csv`."""
-    from scipy.stats import kendalltau, spearmanr
-
     from prune_cli.errors import BadValue
+    from prune_cli.report.correlations import layer_ranking
 
     sa, sb = (getattr(r, "extra", {}).get("sensitivity") for r in (a, b))
     if not sa or not sb:
         raise BadValue("--compare-checkpoint needs a criterion that reports per-group sensitivities (sensitivity)")
-    common = [g for g in sa if g in sb]
-    if len(common) < 2:
-        raise BadValue("the two model files share fewer than two channel groups: they cannot be compared")
-    xa, xb = [sa[g] for g in common], [sb[g] for g in common]
-    stats = dict.fromkeys(("spearman", "spearman_p", "kendall", "kendall_p"), math.nan)
-    if len(set(xa)) == 1 or len(set(xb)) == 1:
+    stats, rows = layer_ranking(sa, sb)
+    if stats["spearman"] != stats["spearman"]:  # NaN
         ui.warn("one of the two checkpoints gives every group the same sensitivity: no ranking to correlate "
                 "(more calibration images or measure=loss may separate them)")  # fmt: skip
-    else:
-        rho, tau = spearmanr(xa, xb), kendalltau(xa, xb)
-        stats = {"spearman": float(rho.statistic), "spearman_p": float(rho.pvalue),
-                 "kendall": float(tau.statistic), "kendall_p": float(tau.pvalue)}  # fmt: skip
-    rank_a, rank_b = _order(xa), _order(xb)
-    rows = [{"group": g, "sensitivity_a": xa[i], "sensitivity_b": xb[i], "rank_a": rank_a[i], "rank_b": rank_b[i]}
-            for i, g in enumerate(common)]  # fmt: skip
     write_csv(out.with_name(f"{out.stem}_compare.csv"), rows)
     ui.grid(["group", "S (this)", "S (other)", "rank", "rank (other)"],
             [[r["group"], r["sensitivity_a"], r["sensitivity_b"], r["rank_a"], r["rank_b"]] for r in rows],
             title=f"layer ranking: {name_a} vs {name_b} (rank 1 = most sensitive)")  # fmt: skip
     ui.out.print(f"Spearman rho {stats['spearman']:.3f} (p {stats['spearman_p']:.3g}), "
-                 f"Kendall tau {stats['kendall']:.3f} (p {stats['kendall_p']:.3g}) over {len(common)} groups",
+                 f"Kendall tau {stats['kendall']:.3f} (p {stats['kendall_p']:.3g}) over {len(rows)} groups",
                  markup=False)  # fmt: skip
     return stats
-
-
-def _order(values: Sequence[float]) -> list[int]:
-    """Rank 1 = largest value."""
-    order = sorted(range(len(values)), key=lambda i: -values[i])
-    rank = [0] * len(values)
-    for r, i in enumerate(order, start=1):
-        rank[i] = r
-    return rank
 
 
 def register(app: typer.Typer) -> None:

@@ -18,6 +18,7 @@ sinf_app = typer.Typer(
 )
 
 
+@O.grouped(run="seed trust_factory device threads json quiet")
 def build(
     model_file: Annotated[Path, typer.Argument(help="A trained .safetensors model file.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the SINF file set.", rich_help_panel=O.OUTPUT)],
@@ -63,12 +64,7 @@ def build(
     scope: Annotated[str, typer.Option(help="internal or all (ResNet residual groups).", rich_help_panel=SINF)] = (
         "internal"
     ),
-    seed: O.Seed = 0,
-    trust_factory: O.TrustFactory = None,
-    device: O.Device = None,
-    threads: O.Threads = None,
-    json: O.Json = False,
-    quiet: O.Quiet = False,
+    run: O.RunOptions = O.RunOptions(),
 ) -> None:
     """Build SINF from MODEL_FILE: clusters, router and attachment point, DCS per cluster, pruned subgraphs.
 
@@ -76,13 +72,13 @@ def build(
     """
     from prune_cli.api import get_criterion
     from prune_cli.config import build_dataclass, parse_key_values
-    from prune_cli.run import steps as pipeline
+    from prune_cli.run import loading
+    from prune_cli.run.environment import machine
     from prune_cli.sinf import model as sinf
     from prune_cli.store.files import check_output, deferred_writes
 
-    ui.quiet = quiet
     check_output(out, kind="folder")
-    dev = pipeline.setup_runtime(device, threads, seed)
+    dev = run.setup()
     cfg = sinf.SinfConfig(
         r_M=r_M,
         r_L=r_L,
@@ -97,10 +93,10 @@ def build(
         dcs_images_per_class=dcs_images_per_class,
         scope=scope,
         dcs=build_dataclass(get_criterion("dcs").Options, parse_key_values(opt), "dcs option"),
-        seed=seed,
+        seed=run.seed,
     )
-    base, dataset, splits = pipeline.load_model_and_data(
-        model_file, dataset, data_dir, seed=seed, device=dev, trust=trust_factory or ()
+    base, dataset, splits = loading.load_model_and_data(
+        model_file, dataset, data_dir, seed=run.seed, device=dev, trust=run.trust
     )
     built = sinf.build(base, splits, cfg, device=dev, log=ui.info)
     with deferred_writes():  # the folder's files appear together or not at all
@@ -110,9 +106,9 @@ def build(
             model_file=str(model_file),
             dataset=dataset,
             data_dir=str(data_dir) if data_dir else None,
-            seed=seed,
-            machine=pipeline.machine(),
-            normalisation=pipeline.normalisation(splits),
+            seed=run.seed,
+            machine=machine(),
+            normalisation=loading.normalisation(splits),
         )
     m = built.manifest
     row = {
@@ -125,7 +121,7 @@ def build(
         "removed_fraction": f"{m['removed_fractions'][0]:.3f} -> {m['removed_fractions'][-1]:.3f}",
         "build_seconds": m["build_seconds"],
     }
-    if json:
+    if run.json:
         ui.print_json({**row, "clusters": m["clusters"], "router": m["router"]})
         return
     ui.table(row, title="sinf build")
@@ -136,11 +132,12 @@ def build(
     )
 
 
+@O.grouped(run="seed trust_factory device threads json quiet")
 def evaluate(
     folder: Annotated[Path, typer.Argument(help="A SINF folder written by `prune-cli sinf build`.")],
     dataset: O.Dataset = None,
     data_dir: O.DataDir = None,
-    split: Annotated[str, typer.Option(help="test or val.", rich_help_panel=O.DATA)] = "test",
+    split: O.Split = "test",
     gamma: Annotated[float | None, typer.Option(help="Override the confidence threshold.", rich_help_panel=SINF)] = (
         None
     ),
@@ -163,12 +160,7 @@ def evaluate(
     sweep_out: Annotated[
         Path | None, typer.Option(help="Folder for sweep.{csv,md,png} (default: FOLDER).", rich_help_panel=O.OUTPUT)
     ] = None,
-    seed: O.Seed = 0,
-    trust_factory: O.TrustFactory = None,
-    device: O.Device = None,
-    threads: O.Threads = None,
-    json: O.Json = False,
-    quiet: O.Quiet = False,
+    run: O.RunOptions = O.RunOptions(),
 ) -> None:
     """Evaluate a SINF folder against its base model: top-1, per-cluster accuracy, MACs, latency, storage.
 
@@ -177,19 +169,18 @@ def evaluate(
     sweep.csv, sweep.md and sweep.png.
     """
     from prune_cli.errors import BadValue
-    from prune_cli.run import steps as pipeline
+    from prune_cli.run import loading
     from prune_cli.sinf import model as sinf
     from prune_cli.sinf import report as sinf_report
     from prune_cli.store.files import check_output, deferred_writes
 
-    ui.quiet = quiet
     if sweep:
         check_output(sweep_out or folder, "--sweep-out", kind="folder")
-    dev = pipeline.setup_runtime(device, threads, seed)
-    batches = pipeline.parse_batches(latency_batches)
+    dev = run.setup()
+    batches = O.parse_batches(latency_batches)
     if split not in ("test", "val"):
         raise BadValue(f"--split must be test or val, got {split!r}")
-    built = sinf.load(folder, dev, trust=trust_factory or ())
+    built = sinf.load(folder, dev, trust=run.trust)
     info = built.manifest.get("info", {})
     if gamma is not None:
         if not 0 <= gamma <= 1:
@@ -201,12 +192,12 @@ def evaluate(
     if dataset is None:
         raise BadValue(f"{folder} does not record its dataset: pass --dataset")
     data_dir = data_dir or (Path(info["data_dir"]) if info.get("data_dir") else None)
-    splits = pipeline.load_splits(
-        dataset, data_dir, model_name=built.base.prune_cli_arch["factory"], seed=info.get("seed", seed),
-        normalisation=pipeline.recorded_normalisation(info, dataset),
+    splits = loading.load_splits(
+        dataset, data_dir, model_name=built.base.prune_cli_arch["factory"], seed=info.get("seed", run.seed),
+        normalisation=loading.recorded_normalisation(info, dataset),
     )  # fmt: skip
     base_info = getattr(built.base, "prune_cli_info", {})
-    pipeline.check_runs_on(built.base, str(folder), splits, trained_on=base_info.get("input_shape"))
+    loading.check_runs_on(built.base, str(folder), splits, trained_on=base_info.get("input_shape"))
     data = getattr(splits, split)
     result = sinf_report.evaluate(built, data, splits, device=dev)
     result.update(sinf_report.latencies(built, data, splits, batches, device=dev))
@@ -222,7 +213,7 @@ def evaluate(
             files = sinf_report.write_sweep(rows, sweep_out or folder, title=f"SINF sweep, {dataset} ({split})")
         result["sweep"] = rows
         result["sweep_files"] = [str(f) for f in files]
-    if json:
+    if run.json:
         ui.print_json(result)
         return
     show(result, batches)

@@ -11,6 +11,7 @@ from prune_cli.cli import options as O
 from prune_cli.cli import ui
 
 
+@O.grouped(run="seed device threads json quiet")
 def train(
     model: O.Model = "resnet20",
     dataset: O.Dataset = "digits",
@@ -34,21 +35,16 @@ def train(
             rich_help_panel=O.OUTPUT,
         ),
     ] = 0,
-    seed: O.Seed = 0,
-    device: O.Device = None,
-    threads: O.Threads = None,
-    json: O.Json = False,
-    quiet: O.Quiet = False,
+    run: O.RunOptions = O.RunOptions(),
 ) -> None:
     """Train MODEL on DATASET, evaluate on the test split, and save a .safetensors model file.
 
     A checkpoint (OUT.ckpt) is written after each epoch; --resume continues from it.
     """
     from prune_cli import engine
-    from prune_cli.run import steps as pipeline
+    from prune_cli.run import training
     from prune_cli.store.files import check_output
 
-    ui.quiet = quiet
     if out.suffix != ".safetensors":
         raise_bad(f"--out must end in .safetensors, got {out.name!r}")
     if save_every < 0:
@@ -57,17 +53,17 @@ def train(
     cfg = engine.TrainConfig(
         epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,  # type: ignore[arg-type]
         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, augment=not no_augment, compile=compile,
-        seed=seed,
+        seed=run.seed,
     )  # fmt: skip
-    beside = [out.with_suffix(".ckpt").name] + ([pipeline.snapshot_path(out, epochs).name] if save_every else [])
+    beside = [out.with_suffix(".ckpt").name] + ([training.snapshot_path(out, epochs).name] if save_every else [])
     check_output(out, also=beside)
-    dev = pipeline.setup_runtime(device, threads, seed)
+    dev = run.setup()
     with ui.RichReporter() as reporter:
-        summary = pipeline.train_and_save(
+        summary = training.train_and_save(
             model, dataset, data_dir, cfg, out, weights=weights, device=dev, resume=resume, reporter=reporter,
             log=ui.info, save_every=save_every,
         )  # fmt: skip
-    if json:
+    if run.json:
         ui.print_json({**summary, "out": str(out)})
     else:
         ui.table({**summary, "out": str(out)}, title="trained")

@@ -30,10 +30,10 @@ from typing import Any
 import torch
 
 import models
-from prune_cli import __version__, engine
+from prune_cli import __version__, engine, metrics
 from prune_cli.errors import BadModelFile, BadValue
-from prune_cli.run import pruning
-from prune_cli.run import steps as pipeline
+from prune_cli.run import loading, pruning, training
+from prune_cli.run.environment import machine
 from prune_cli.run.experiment import Cell, Experiment, config_key, file_digest
 from prune_cli.store.files import write_text
 from prune_cli.store.modelfile import load_model, read_metadata
@@ -75,7 +75,7 @@ def prepare_base(
     if path.is_file():
         log(f"base model: {path} (trained earlier with the same recipe)")
         return path
-    summary = pipeline.train_and_save(
+    summary = training.train_and_save(
         b.model,
         exp.dataset,
         exp.data_dir,
@@ -140,7 +140,7 @@ def run_grid(
 
         def fell(cell: Cell, key: str, error: str) -> None:
             failed.append(record_failure(exp, cell, key, digest, error))
-            warn(f"cell {cell.spec.title} {cell.target_text} seed {cell.job.seed} failed: {error}")
+            warn(f"cell {cell.spec.title} target {cell.job.target.reduction:g} seed {cell.job.seed} failed: {error}")
             advance(1)
 
         ray_executor.run_on_ray(
@@ -150,7 +150,7 @@ def run_grid(
     elif jobs == 1 or len(todo) <= 1:
         advance = reporter.counter("cells", len(todo)) if reporter is not None and todo else (lambda n=1: None)
         for cell, key in todo:
-            log(f"cell {cell.spec.title} {cell.target_text} seed {cell.job.seed}")
+            log(f"cell {cell.spec.title} target {cell.job.target.reduction:g} seed {cell.job.seed}")
             record = run_cell(cell, key, reporter=reporter, log=log, defer_latency=defer_timing, **args)
             if defer_timing:
                 untimed.add(key)
@@ -296,7 +296,7 @@ def run_cell(
         "options": s["options"],
         "result": s["result"],
         "target": cell.job.target.reduction,
-        "metric": "latency" if cell.job.target_latency else cell.job.target.metric,
+        "metric": cell.job.target.metric,
         "seed": cell.job.seed,
         "bn_recalibration": s["bn_recalibration"],
         "base_file": str(base_file),
@@ -307,36 +307,16 @@ def run_cell(
         "widths": s["widths"],
         "history": outcome.history,
         "versions": versions(),
-        "machine": pipeline.machine(),
+        "machine": machine(),
         "started": started,
         "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    latency_reached(record)
     if defer_latency:  # the model first: a pending record is only read when its model is there too
         pruning.save(outcome, exp.out_dir / PENDING / f"{key}.safetensors")
         write_text(exp.out_dir / PENDING / f"{key}.json", json.dumps(record, default=str))
     else:
         Store(exp.out_dir).save(record)
     return record
-
-
-def latency_reached(record: dict[str, Any]) -> None:
-    """For a latency-target cell, set `record["latency_target"]`: the requested fraction and batch, whether the
-    criterion used it (False: it chose its own widths), the reduction its selection measured, and `reached`, the
-    reduction measured on the final models, base and pruned in alternating turns at that batch (None until timed).
-    Other cells are left alone."""
-    job = record["config"]["job"]
-    if not job.get("target_latency"):
-        return
-    batch = job.get("latency_batch", 1)
-    base_ms, pruned_ms = record["before"].get(f"latency_b{batch}_ms"), record["after"].get(f"latency_b{batch}_ms")
-    report = record["target_report"]
-    used = report.get("metric") == "latency"
-    record["latency_target"] = {
-        "requested": job["target_latency"], "batch": batch, "runtime": job.get("runtime", "torch"), "used": used,
-        "selection_reached": report.get("achieved") if used else None,
-        "reached": 1 - pruned_ms / base_ms if base_ms and pruned_ms else None,
-    }  # fmt: skip
 
 
 def _pending(exp: Experiment, key: str) -> tuple[dict[str, Any], Path] | None:
@@ -358,7 +338,7 @@ def time_pending(
     log(f"timing {len(keys)} pruned models, one at a time, each taking turns with the base")
     store, folder = Store(exp.out_dir), exp.out_dir / PENDING
     data_dir = Path(exp.data_dir) if exp.data_dir else None
-    base, _, splits = pipeline.load_model_and_data(base_file, exp.dataset, data_dir, device=device, trust=trust)
+    base, _, splits = loading.load_model_and_data(base_file, exp.dataset, data_dir, device=device, trust=trust)
     advance = reporter.counter("latency", len(keys)) if reporter is not None else (lambda n=1: None)
     timed = {}
     for key in keys:
@@ -369,10 +349,9 @@ def time_pending(
         job = record["config"]["job"]
         kw = dict(latency_batches=job["latency_batches"], device=device, latency_seconds=job["latency_seconds"])
         pruned = load_model(model_file, device, trust=trust).eval()
-        before, after = pipeline.time_side_by_side([base, pruned], splits, **kw)
+        before, after = metrics.time_side_by_side([base, pruned], splits, **kw)
         record["before"].update(before)
         record["after"].update(after)
-        latency_reached(record)
         store.save(record)
         timed[key] = record
         model_file.unlink()

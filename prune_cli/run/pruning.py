@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prune_cli import engine, surgery
+from prune_cli import engine, metrics, surgery
 from prune_cli.api import (
     Allocation,
     CalibData,
@@ -36,7 +36,8 @@ from prune_cli.api import (
 from prune_cli.config import build_dataclass
 from prune_cli.data import splits as D
 from prune_cli.errors import BadValue
-from prune_cli.run import steps as pipeline
+from prune_cli.run import loading
+from prune_cli.run.environment import machine
 from prune_cli.selection import latency
 from prune_cli.selection import plan as selection
 from prune_cli.store.modelfile import save_model
@@ -155,7 +156,7 @@ def make_context(
     extra = {"progress": progress} if progress is not None else {}
     return Context(
         model=model.eval(), groups=tuple(in_scope), all_groups=tuple(groups),
-        example_input=pipeline.example_input(splits).to(device), num_classes=splits.num_classes,
+        example_input=loading.example_input(splits).to(device), num_classes=splits.num_classes,
         target=job.target, calib=calib, device=device, seed=job.seed, log=log, **extra,
     )  # fmt: skip
 
@@ -198,14 +199,14 @@ def run(
     """Prune the model in `model_file` as `job` says; return the pruned model and before/after measurements
     (without latency if not `time_latency`: `compare` times the models of its worker processes later, one by one)."""
     device = device or engine.default_device()
-    base, dataset, splits = pipeline.load_model_and_data(
+    base, dataset, splits = loading.load_model_and_data(
         model_file, dataset, data_dir, seed=job.seed, device=device, trust=trust
     )
     criterion = build_criterion(job.criterion, job.options)
     before = _measure(base, splits, device, top1=_base_top1(model_file, dataset, base, splits, device))
     if job.recalibrate_bn and not criterion.dynamic:  # the base measured as the pruned model will be (a copy)
         before["top1_bn_recalibrated"] = _base_top1(model_file, dataset, base, splits, device, recalibrate=job.seed)
-    example = pipeline.example_input(splits).to(device)
+    example = loading.example_input(splits).to(device)
 
     t0 = time.perf_counter()
     groups = surgery.channel_groups(base, example)
@@ -269,7 +270,7 @@ def run(
     if static is not None:
         after["static"] = static
     if time_latency:  # both now, taking turns: timed minutes apart, the CPU's drifting speed would enter the ratio
-        lat_before, lat_after, *lat_static = pipeline.time_side_by_side(
+        lat_before, lat_after, *lat_static = metrics.time_side_by_side(
             [base, pruned, *([static_model] if static_model is not None else [])], splits,
             latency_batches=job.latency_batches, device=device, latency_seconds=job.latency_seconds,
             runtime=job.runtime,
@@ -289,7 +290,7 @@ def run(
         criterion_options=asdict(criterion.options), before=before, after=after, target_report=target_report,
         timings={"score_s": score_s, "surgery_s": surgery_s, "finetune_s": finetune_s}, history=history,
         widths=_widths(pruned), input_shape=list(splits.train.x.shape[1:]),
-        normalisation=pipeline.normalisation(splits),
+        normalisation=loading.normalisation(splits),
     )  # fmt: skip
 
 
@@ -300,14 +301,14 @@ def save(outcome: Outcome, path: Path) -> Path:
         outcome.model.cpu(), path, kind="pruned", dataset=outcome.dataset, input_shape=outcome.input_shape,
         criterion=s["criterion"], options=s["options"], target=s["target_report"], seed=outcome.job.seed,
         metrics=s["after"], base=s["before"], base_file=outcome.base_file, history=outcome.history,
-        machine=pipeline.machine(), normalisation=outcome.normalisation,
+        machine=machine(), normalisation=outcome.normalisation,
     )  # fmt: skip
 
 
 def _measure(model: nn.Module, splits: D.Splits, device: torch.device, top1: float | None = None) -> dict[str, Any]:
-    """Top-1 on the test split (unless already known), params and MACs (latency: `pipeline.time_side_by_side`)."""
+    """Top-1 on the test split (unless already known), params and MACs (latency: `metrics.time_side_by_side`)."""
     out = {"top1": top1 if top1 is not None else engine.evaluate(model, splits.test, splits, device=device).top1}
-    out.update(pipeline.measure(model, splits, latency_batches=(), device=device))
+    out.update(metrics.measure(model, splits, latency_batches=(), device=device))
     return out
 
 

@@ -60,17 +60,17 @@ def test_eval_json(trained):
 
 def test_the_model_file_records_its_input_normalisation(trained):
     from prune_cli.data import splits as D
-    from prune_cli.run import steps as pipeline
+    from prune_cli.run import loading
     from prune_cli.store.modelfile import load_model
 
     out, _ = trained
     recorded = load_model(out).prune_cli_info["normalisation"]
-    assert recorded == pipeline.normalisation(pipeline.load_splits("digits", model_name="vgg11", seed=0))
+    assert recorded == loading.normalisation(loading.load_splits("digits", model_name="vgg11", seed=0))
     # another seed holds out other images, so its own statistics differ; the model's are used
-    _, _, splits = pipeline.load_model_and_data(out, None, None, seed=3)
+    _, _, splits = loading.load_model_and_data(out, None, None, seed=3)
     own = D.make_splits(D.load_dataset("digits"), seed=3)
     assert own.mean != tuple(recorded["mean"])
-    assert pipeline.normalisation(splits) == recorded
+    assert loading.normalisation(splits) == recorded
 
 
 def test_eval_table_and_info(trained):

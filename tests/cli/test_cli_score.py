@@ -10,6 +10,7 @@ import models
 from prune_cli.api import Plan, Scores, get_criterion, list_criteria
 from prune_cli.cli import app
 from prune_cli.cli import score as S
+from prune_cli.report import correlations
 from prune_cli.store.modelfile import save_model
 
 runner = CliRunner()
@@ -129,13 +130,13 @@ def test_plan_proxy_and_spearman_by_hand(tiny_vgg, example_input):
     groups = channel_groups(tiny_vgg, example_input)
     ctx = Context(tiny_vgg, tuple(groups_in_scope(groups)), tuple(groups), example_input, 10, Target())
     plan = Plan({"features.0": torch.tensor([1, 3])})
-    proxy = S.channel_proxy(plan, ctx)
+    proxy = correlations.channel_proxy(plan, ctx)
     assert proxy["features.0"][:4].tolist() == [0, 1, 0, 1] and int(proxy["features.4"].sum()) == 128
     a = {"g": torch.tensor([1.0, 2.0, 3.0, 4.0]), "h": torch.tensor([1.0, 1.0, 1.0])}
     b = {"g": torch.tensor([4.0, 3.0, 2.0, 1.0]), "h": torch.tensor([3.0, 2.0, 1.0])}
-    m = S.spearman_matrix({"a": a, "b": b})
+    m = correlations.spearman_matrix({"a": a, "b": b})
     assert m["a"]["b"] == pytest.approx(-1.0)  # group h has no ranking under a: left out
-    assert isinstance(S.channel_proxy(Scores(a), ctx), dict)
+    assert isinstance(correlations.channel_proxy(Scores(a), ctx), dict)
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 import models
 from prune_cli import surgery
 from prune_cli.cli import app
-from prune_cli.run import steps as pipeline
+from prune_cli.run import loading
 from prune_cli.store.modelfile import load_model, save_model
 
 pytest.importorskip("onnxruntime")
@@ -24,8 +24,8 @@ runner = CliRunner()
 def pruned_file(tmp_path_factory):
     """A ResNet-20 for digits with random weights and BatchNorm statistics, a third of its internal channels
     removed, saved as a pruned model file."""
-    splits = pipeline.load_splits("digits", seed=0)
-    x = pipeline.example_input(splits)
+    splits = loading.load_splits("digits", seed=0)
+    x = loading.example_input(splits)
     torch.manual_seed(0)
     net = randomise_bn(models.create_model("resnet20", num_classes=10, in_channels=x.shape[1])).eval()
     groups = [g for g in surgery.channel_groups(net, x) if g.prunable and not g.residual]
@@ -33,7 +33,7 @@ def pruned_file(tmp_path_factory):
     pruned = surgery.prune(net, x, keep, groups=groups)
     path = tmp_path_factory.mktemp("export") / "p.safetensors"
     save_model(pruned, path, kind="pruned", dataset="digits", input_shape=list(x.shape[1:]),
-               normalisation=pipeline.normalisation(splits))  # fmt: skip
+               normalisation=loading.normalisation(splits))  # fmt: skip
     return path
 
 

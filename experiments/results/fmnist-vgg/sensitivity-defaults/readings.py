@@ -26,8 +26,7 @@ import torch
 import criteria.sensitivity as S
 from prune_cli import engine, surgery
 from prune_cli.api import Target
-from prune_cli.run import pruning
-from prune_cli.run import steps as pipeline
+from prune_cli.run import loading, pruning
 
 _SWEEP = S.sweep
 
@@ -109,9 +108,9 @@ def main() -> None:
         if part is not None:  # the context `pruning.run` builds, without measuring the base first
             job = pruning.PruneJob(criterion="sensitivity", calib_images=1024, seed=0)
             device = engine.default_device()
-            base, _, splits = pipeline.load_model_and_data(model_file, None, None, seed=job.seed, device=device)
+            base, _, splits = loading.load_model_and_data(model_file, None, None, seed=job.seed, device=device)
             criterion = pruning.build_criterion(job.criterion, job.options)
-            groups = surgery.channel_groups(base, pipeline.example_input(splits).to(device))
+            groups = surgery.channel_groups(base, loading.example_input(splits).to(device))
             try:
                 criterion.run(pruning.make_context(base, groups, splits, criterion, job, device))
             except PartDone:

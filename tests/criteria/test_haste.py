@@ -12,6 +12,7 @@ from prune_cli.api.dynamic import per_input_macs
 from prune_cli.errors import BadValue, TargetUnreachable
 from prune_cli.metrics import count_macs
 from prune_cli.store.modelfile import load_model, save_model
+from prune_cli.testing import make_context
 
 
 class Trap:
@@ -24,13 +25,9 @@ class Trap:
         raise AssertionError("HASTE read calibration data (len)")
 
 
-def context(model, x, target=0.5, calib=None):
-    return Context(model, (), (), x, 10, Target("macs", target), calib=calib)
-
-
 def haste(model, x, target=0.5, **options):
     cls = get_criterion("haste")
-    result = check_result(cls(cls.Options(**options)).run(context(model, x, target)), ())
+    result = check_result(cls(cls.Options(**options)).run(make_context(model, x, target=target)), ())
     assert isinstance(result, Dynamic) and result.hooks is None
     return result
 
@@ -53,7 +50,7 @@ class Small(nn.Module):
 def test_haste_touches_no_data(tiny_resnet, example_input):
     assert get_criterion("haste").needs == frozenset()
     for calib in (None, Trap()):  # neither the search nor the wrapping reads the context's data
-        Haste().run(context(tiny_resnet, example_input, calib=calib))
+        Haste().run(make_context(tiny_resnet, example_input, calib=calib))
 
 
 def test_every_channel_its_own_bucket_costs_dense_plus_hashing(tiny_resnet, monkeypatch):

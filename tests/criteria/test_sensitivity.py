@@ -8,12 +8,11 @@ from helpers import concat_net, randomise_bn
 from torch import nn
 
 from criteria.sensitivity import _damage, is_conv_group
-from prune_cli.api import Allocation, CalibData, Context, Target, check_result, get_criterion
+from prune_cli.api import Allocation, CalibData, Target, check_result, get_criterion
 from prune_cli.api.graph import split, trace
 from prune_cli.errors import BadValue
 from prune_cli.run import pruning
-from prune_cli.selection.plan import groups_in_scope
-from prune_cli.surgery import channel_groups
+from prune_cli.testing import make_context
 
 FAST = dict(levels=(0.3, 0.7), trials=1, batch_size=32)
 
@@ -27,9 +26,7 @@ def calib_for(model, n=64, seed=1):
 
 
 def context(model, x, scope="internal", target=0.5, seed=0, calib=None):
-    groups = channel_groups(model, x)
-    return Context(model, tuple(groups_in_scope(groups, scope)), tuple(groups), x, 10, Target("macs", target),
-                   calib=calib or calib_for(model), seed=seed)  # fmt: skip
+    return make_context(model, x, scope=scope, target=target, seed=seed, calib=calib or calib_for(model))
 
 
 def run(ctx, **options):

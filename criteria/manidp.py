@@ -450,6 +450,7 @@ def wrap(model: nn.Module, config: Mapping[str, Any], generator: torch.Generator
     _install_compact(model, sites)
     return model
 
+
 @register_criterion()
 class ManiDP(DynamicCriterion):
     name = "manidp"

@@ -11,6 +11,7 @@
     finetune: {epochs: 1, lr: 0.01}        # identical for every criterion
     bn_recalibration: true                 # re-estimate BatchNorm statistics after removal (the default)
     executor: local                        # or ray: where the cells run (never part of a cell's key)
+    shared_dir: /mnt/shared                # optional, ray only: a folder all nodes mount, for the tasks' files
 
 Unknown keys are errors with a suggestion (`prune_cli.config`); values are converted to the declared types, so
 CLI overrides (strings) and YAML values give the same experiment. Each cell is a `pruning.PruneJob`; its key
@@ -101,6 +102,7 @@ class Experiment:
     out: str | None = None
     notes: str = ""
     executor: str = "local"  # where cells run (`local` processes or `ray` tasks): not in any cell's config or key
+    shared_dir: str | None = None  # ray: a folder at the same path on every node, for the tasks' files (not in keys)
 
     @property
     def out_dir(self) -> Path:

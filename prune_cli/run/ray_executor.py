@@ -1,11 +1,14 @@
 """`compare --executor ray`: the grid's cells as Ray tasks, on a local Ray instance or an existing cluster.
 
-Each task runs the same one-run code as a local worker process (`compare.run_cell` with `defer_latency`), in a
+Each task runs the same one-run code as a local worker process (`grid.run_cell` with `defer_latency`), in a
 scratch folder of its own, and returns the record and the pruned model file's bytes; this process writes them into
-`<out>/pending/` as a local worker would, so resume, latency timing (`compare.time_pending`, here, one model at a
+`<out>/pending/` as a local worker would, so resume, latency timing (`grid.time_pending`, here, one model at a
 time), `report` and the leaderboard do not know which executor ran a cell. The base model file travels once through
 Ray's object store and is written to a temporary file on each worker, so a node needs no shared disk; it needs
 prune-cli installed and the experiment's dataset readable (digits is bundled; a `data_dir` must exist on every node).
+With a shared folder (`--shared-dir`, mounted at the same path on every node), a task writes its model file and
+record into a folder of this run under it and returns nothing: large models then stay out of the object store and
+the driver's memory, and this process copies them into `<out>/pending/` from there.
 
 A task that raises is recorded as failed (`<out>/failed/<key>.json`) and the grid goes on; a worker process that
 dies is retried once by Ray, then recorded as failed. Ctrl-C cancels the tasks in flight; finished cells are kept.
@@ -76,6 +79,22 @@ class RaySettings:
             ) from None
 
 
+def check_shared_dir(path: str | None) -> None:
+    """Refuse, before any work, a `--shared-dir` that is not a folder this process can write in: the tasks leave
+    their files there and this process reads them back."""
+    if path is None:
+        return
+    folder = Path(path)
+    if not folder.is_dir():
+        state = "is not a folder" if folder.exists() else "does not exist"
+        raise BadValue(f"--shared-dir {path} {state}: give a folder that every node of the cluster mounts at this path")
+    try:
+        with tempfile.NamedTemporaryFile(prefix=".prune-cli-probe-", dir=folder):
+            pass
+    except OSError as exc:
+        raise BadValue(f"--shared-dir {path}: cannot write there ({exc.strerror or exc})") from None
+
+
 def import_ray() -> Any:
     """Ray, or a one-line error naming the extra (checked before the base model is trained)."""
     try:
@@ -92,20 +111,26 @@ def run_on_ray(
 ) -> None:  # fmt: skip
     """Run the cells of `todo` ((cell, key) pairs) as Ray tasks. Each result is written into `pending` as it
     arrives, then `finished(key)`; a cell whose task raised or whose worker died twice goes to `failed(cell, key,
-    error)`. `args`: run_cell's keyword arguments (exp, base_file, digest, device, trust)."""
-    from prune_cli.store.files import atomic_write, write_text
-
+    error)`. `args`: run_cell's keyword arguments (exp, base_file, digest, device, trust); with `exp.shared_dir`
+    the tasks leave their files in a folder of this run under it (removed at the end), not in their return value."""
     ray = import_ray()
     started_here = _connect(ray, settings, log)
     refs: dict[Any, tuple[Any, str]] = {}
+    shared: Path | None = None
     try:
         _check_fits(ray, settings)
+        if (shared_dir := args["exp"].shared_dir) is not None:  # absolute: a worker's working folder is not ours
+            try:
+                shared = Path(tempfile.mkdtemp(prefix="prune-cli-run-", dir=Path(shared_dir).absolute()))
+            except OSError as exc:  # checked before the base was trained, but that may have taken hours
+                raise BadValue(f"--shared-dir {shared_dir}: cannot write there ({exc.strerror or exc})") from None
+            log(f"the tasks leave their files in {shared}")
         base_ref = ray.put(Path(args["base_file"]).read_bytes())  # once: every task reads this one copy
         device = "cuda" if settings.gpus_per_cell > 0 else "cpu"  # a worker's own GPU, whatever the driver has
         task = ray.remote(_run_cell_task).options(
             num_cpus=settings.cpus_per_cell, num_gpus=settings.gpus_per_cell, max_retries=1, retry_exceptions=False
         )
-        cell_args = {**args, "device": device}
+        cell_args = {**args, "device": device, "shared": str(shared) if shared else None}
         log(f"running {len(todo)} cells as Ray tasks ({settings.cpus_per_cell} CPU, {settings.gpus_per_cell:g} GPU, "
             f"{settings.cpus_per_cell} thread(s) each)")  # fmt: skip
         for cell, key in todo:
@@ -115,14 +140,19 @@ def run_on_ray(
             ready, waiting = ray.wait(waiting, num_returns=1)
             cell, key = refs[ready[0]]
             try:
-                record, model_bytes = ray.get(ready[0])
+                result = ray.get(ready[0])
             except Exception as exc:  # the task raised, or its worker died on both tries
                 failed(cell, key, _describe(exc))
                 continue
-            # The model first: a pending record is only read when its model is there too (compare._pending).
-            with atomic_write(pending / f"{key}.safetensors") as tmp:
-                tmp.write_bytes(model_bytes)
-            write_text(pending / f"{key}.json", json.dumps(record, default=str))
+            try:
+                _deliver(result, key, pending, shared, args["base_file"])
+            except FileNotFoundError as exc:
+                if shared is None:
+                    raise
+                # The task wrote into a folder of its own node that has the same path, not into a shared one.
+                failed(cell, key, f"--shared-dir: the task's files are not in {shared} on this machine "
+                       f"({exc.filename}); is the folder shared by every node, at the same path?")  # fmt: skip
+                continue
             finished(key)
     except KeyboardInterrupt:
         # The process is ending: a second Ctrl-C in the clean-up would only leave it half done (as compare._stop).
@@ -134,9 +164,36 @@ def run_on_ray(
              "lost; run compare again to resume")  # fmt: skip
         raise
     finally:
+        if shared is not None:
+            shutil.rmtree(shared, ignore_errors=True)
         if started_here:
             with contextlib.suppress(Exception):
                 ray.shutdown()
+
+
+def _deliver(result: tuple[dict, bytes] | None, key: str, pending: Path, shared: Path | None, base_file: str) -> None:
+    """Write a finished task's model file and record into `pending`: from its return value, or (None) from the
+    shared folder it wrote them into. `base_file`: the driver's base model file, as a local worker records it."""
+    from prune_cli.run.grid import PENDING
+    from prune_cli.store.files import atomic_write, write_text
+
+    if result is None:
+        assert shared is not None, "a task returns nothing only when it has a shared folder"
+        record = json.loads((shared / PENDING / f"{key}.json").read_text())
+        source = shared / PENDING / f"{key}.safetensors"
+    else:
+        record, model_bytes = result
+    # The model first: a pending record is only read when its model is there too (grid._pending).
+    with atomic_write(pending / f"{key}.safetensors") as tmp:
+        if result is None:
+            shutil.copyfile(source, tmp)  # a copy: the shared folder may be another file system
+        else:
+            tmp.write_bytes(model_bytes)
+    record["base_file"] = base_file  # not the worker's temporary copy (and not part of the key)
+    write_text(pending / f"{key}.json", json.dumps(record, default=str))
+    if result is None:
+        for name in (f"{key}.safetensors", f"{key}.json"):
+            (shared / PENDING / name).unlink(missing_ok=True)
 
 
 def _connect(ray: Any, settings: RaySettings, log: Callable[[str], None]) -> bool:
@@ -200,16 +257,21 @@ def _base_file(digest: str, data: bytes) -> str:
     return _BASE_FILES[digest]
 
 
-def _run_cell_task(cell: Any, key: str, base: bytes, args: dict[str, Any], threads: int) -> tuple[dict, bytes]:
-    """One cell on a Ray worker: run_cell in a scratch output folder, then hand back its record and model bytes."""
+def _run_cell_task(cell: Any, key: str, base: bytes, args: dict[str, Any], threads: int) -> tuple[dict, bytes] | None:
+    """One cell on a Ray worker: run_cell in a scratch output folder, then hand back its record and model bytes; with
+    a shared folder (`args["shared"]`), run_cell writes them into its `pending/` and the task returns None."""
     import torch
 
     from prune_cli.run.grid import PENDING, run_cell
 
+    shared = args.get("shared")
+    if shared is not None and not os.path.isdir(shared):
+        raise BadValue(f"--shared-dir: {shared} does not exist on node {socket.gethostname()}; mount the shared "
+                       "folder at the same path on every node")  # fmt: skip
     torch.set_num_threads(threads)  # as many threads as CPUs reserved: cells on one node do not oversubscribe it
     base_file = _base_file(args["digest"], base)
     with tempfile.TemporaryDirectory(prefix="prune-cli-cell-") as scratch:
-        exp = replace(args["exp"], out=scratch)
+        exp = replace(args["exp"], out=shared or scratch)
         try:
             record = run_cell(
                 cell, key, exp=exp, base_file=base_file, digest=args["digest"], device=args["device"],
@@ -219,8 +281,9 @@ def _run_cell_task(cell: Any, key: str, base: bytes, args: dict[str, Any], threa
             raise
         except Exception as exc:  # an unexpected error: keep where it happened for the failed record
             raise RuntimeError(f"{exc!r} at {_where(exc)}") from exc
+        if shared is not None:
+            return None
         model_bytes = (Path(scratch) / PENDING / f"{key}.safetensors").read_bytes()
-    record["base_file"] = args["base_file"]  # the driver's file, as a local worker records it (not part of the key)
     return record, model_bytes
 
 

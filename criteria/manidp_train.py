@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prune_cli.api import TrainHooks
+from prune_cli.api import TrainHooks, recalibrate_batchnorm
 from prune_cli.errors import BadValue
 
 if TYPE_CHECKING:
@@ -60,20 +60,7 @@ def remain_rate(epoch: int, epochs: int, target: float) -> float:
 def refresh_batchnorm(model: nn.Module, images: Tensor, batch_size: int = 256) -> None:
     """Re-estimate the BatchNorm running statistics (cumulative average) on `images` (N, C, H, W) with the gates as
     they are: while the thresholds moved, the running averages mixed masks of different sparsity."""
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.track_running_stats]
-    momenta = [m.momentum for m in norms]
-    was_training = model.training
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    try:
-        for i in range(0, len(images), batch_size):
-            model(images[i : i + batch_size])
-    finally:
-        for m, momentum in zip(norms, momenta, strict=True):
-            m.momentum = momentum
-        model.train(was_training)
+    recalibrate_batchnorm(model, images, batch_size=batch_size)
 
 
 def ramp_rate(progress: float, start: float, end: float, target: float) -> float:

@@ -288,6 +288,15 @@ class TrainHooks:
         return 1.0
 
 
+def recalibrate_batchnorm(model: nn.Module, images: Tensor, *, batch_size: int = 256) -> int:
+    """Re-estimate every BatchNorm's running statistics of `model` on all `images` (N, C, H, W), forward passes
+    only; returns the number of BatchNorms. The engine's one implementation (`prune_cli.engine`), offered here
+    because a criterion imports only the API."""
+    from prune_cli.engine import recalibrate_batchnorm as shared  # late: the engine imports this module
+
+    return shared(model, images, images=len(images), batch_size=batch_size)
+
+
 @dataclass(frozen=True)
 class Dynamic:
     """An input-dependent model. Its dynamic modules record the MACs they execute per sample.

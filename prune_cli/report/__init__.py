@@ -1,1 +1,2 @@
-"""Reports from run records alone: leaderboards (terminal, CSV, Markdown, LaTeX) and their plots (`leaderboard`)."""
+"""Reports: leaderboards (terminal, CSV, Markdown, LaTeX) and their plots from run records alone (`leaderboard`), and
+rank correlations between criteria and between model files (`correlations`)."""

@@ -9,9 +9,14 @@
    - ManiDP: `--manidp FILE` (a model file written by `prune --criterion manidp`, trained from `--model`), or
      untrained gates (official Kaiming init, seed 0) whose thresholds are set as the schedule's last step sets
      them: per layer the k-th largest mean saliency over the inputs, k = ceil(t C_l), t = `--remain`.
+   - ManiDP's real-latency path, the dynamic-to-static removal (`prune --criterion manidp --opt static_below=F`,
+     criteria/manidp_static.py): the channels that fewer than a share `--static-below` of the inputs keep are removed
+     physically. Timed: the gated model after removal, and its static copy without gates (what the static part alone
+     runs at), next to the gated model before removal.
    - Two dense baselines: the model as it is, and the same with BatchNorm folded into the convs
      (torch.fx.experimental.optimization.fuse), since ManiDP's compact batch-1 path folds BatchNorm too.
-   All models are timed alternately round by round on the same inputs (cycled), median over all passes.
+   All models are timed alternately round by round on the same inputs (cycled), median over all passes, on
+   `--device` (cpu, or cuda: each pass between two synchronisations).
 2. `conv-scaling`: why per-input channel skipping gains little latency at batch 1 on a CPU. Batch-1 time of one 3x3
    conv at ResNet-20's stage widths (16 at 32x32, 32 at 16x16, 64 at 8x8) and VGG's (128 at 16x16, 256 at 8x8,
    512 at 4x4) when only the output channels shrink (a gated block's conv1, whose input is the full block input),
@@ -21,7 +26,8 @@
    (mean, std), overhead; `--out` writes the JSON.
 
 Usage: python benchmarks/dynamic.py [latency|conv-scaling|haste-accuracy] [--threads 2] [--model FILE [--manidp FILE]]
-       [--arch resnet20 resnet56]
+       [--arch resnet20 resnet56] [--device cpu|cuda] [--static-below 0.01]
+Smoke run (a few seconds, figures meaningless): python benchmarks/dynamic.py --smoke
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import torch
 from torch.fx.experimental.optimization import fuse
 
 import models
-from criteria import haste, manidp, manidp_train
+from criteria import haste, manidp, manidp_static, manidp_train
 from prune_cli.api import Context, Target
 from prune_cli.api.dynamic import forward_with_macs, per_input_macs
 from prune_cli.data import splits as D
@@ -63,7 +69,9 @@ def inputs_for(args, arch: str | None = None) -> tuple[torch.nn.Module, torch.Te
 
 @torch.no_grad()
 def timed(models_: dict[str, torch.nn.Module], x: torch.Tensor, rounds: int, per_round: int) -> dict[str, float]:
-    """Median batch-1 forward time (ms) per model; models alternate round by round on the same inputs."""
+    """Median batch-1 forward time (ms) per model; models alternate round by round on the same inputs (on x's
+    device; on a GPU each pass is timed between two synchronisations, so it counts the kernels, not their launch)."""
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {k: [] for k in models_}
     for m in models_.values():
         for i in range(3):
@@ -72,14 +80,19 @@ def timed(models_: dict[str, torch.nn.Module], x: torch.Tensor, rounds: int, per
         for name, m in models_.items():
             for i in range(per_round):
                 xi = x[(r * per_round + i) % len(x)][None]
+                sync()
                 t0 = time.perf_counter()
                 m(xi)
+                sync()
                 times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
+UNTRAINED_GATES = {"criterion": "manidp", "gate_init": "kaiming"}  # manidp_model's gates: its rebuild config
+
+
 def manidp_model(base: torch.nn.Module, x: torch.Tensor, remain: float) -> torch.nn.Module:
-    model = manidp.wrap(copy.deepcopy(base), {"gate_init": "kaiming"}, torch.Generator().manual_seed(0)).eval()
+    model = manidp.wrap(copy.deepcopy(base), UNTRAINED_GATES, torch.Generator().manual_seed(0)).to(x.device).eval()
     sums = None
     with torch.no_grad():
         for i in range(0, len(x), 64):
@@ -101,27 +114,38 @@ def latency(args) -> None:
 
 
 def latency_one(args, arch: str | None) -> dict:
+    device = torch.device(args.device)
     base, x, source, _ = inputs_for(args, arch)
+    base, x = base.to(device).eval(), x.to(device)
     dense_macs = float(per_input_macs(base, x[:1])[0][0])
-    ctx = Context(base, (), (), x[:1], 10, Target("macs", args.target))
+    ctx = Context(base, (), (), x[:1], 10, Target("macs", args.target), device=device)
     hashed = haste.Haste().run(ctx)
     if args.manidp:
-        gated, gated_label = load_model(args.manidp).eval(), f"ManiDP ({args.manidp})"
+        gated, gated_label = load_model(args.manidp, device).eval(), f"ManiDP ({args.manidp})"
     else:
         gated, gated_label = manidp_model(base, x, args.remain), f"ManiDP (t={args.remain}, untrained gates)"
+    # The dynamic-to-static removal, on the timing inputs (the criterion uses its calibration images).
+    config = getattr(gated, "prune_cli_dynamic", None) or UNTRAINED_GATES
+    removed, static, removal = manidp_static.to_static(gated, x, args.static_below, x[:1], config)
+    removed.eval()
     folded = fuse(copy.deepcopy(base))
-    ms = timed({"dense": base, "dense_folded": folded, "haste": hashed.model, "manidp": gated}, x, args.rounds,
-               args.per_round)  # fmt: skip
-    print(f"inputs: {source}; {torch.get_num_threads()} threads; {len(x)} inputs; batch 1")
+    ms = timed({"dense": base, "dense_folded": folded, "haste": hashed.model, "manidp": gated,
+                "manidp_removed": removed, "manidp_static": static}, x, args.rounds, args.per_round)  # fmt: skip
+    where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
+    print(f"inputs: {source}; {where}; {len(x)} inputs; batch 1")
     layers = manidp.gated_layers(gated)
     steps = len(layers) * (3 + args.rounds * args.per_round)  # compact steps timed, warm-up included
     slices = sum(c.slice_misses for c in layers)
     print(f"ManiDP: {slices} kept-set weight slices built over {steps} compact steps ({slices / steps:.1%})")
     print(f"dense: {dense_macs / 1e6:.2f} MMACs, {ms['dense']:.3f} ms; BatchNorm folded {ms['dense_folded']:.3f} ms")
     labels = {"haste": f"HASTE (L={hashed.extra['hyperplanes']}, search target -{args.target:.0%})",
-              "manidp": gated_label}  # fmt: skip
+              "manidp": gated_label, "manidp_removed": f"{gated_label}, static_below={args.static_below:g}, gated",
+              "manidp_static": f"{gated_label}, static_below={args.static_below:g}, static (no gates)"}  # fmt: skip
+    print(f"ManiDP static_below={args.static_below:g}: {removal['removed_channels']} of {removal['gated_channels']} "
+          f"gated channels removed physically (kept by fewer than {args.static_below:.1%} of the inputs)")  # fmt: skip
     rows = []
-    for name, model in (("haste", hashed.model), ("manidp", gated)):
+    for name, model in (("haste", hashed.model), ("manidp", gated), ("manidp_removed", removed),
+                        ("manidp_static", static)):  # fmt: skip
         total, overhead = per_input_macs(model, x)
         mac_gain = 1 - float(total.mean()) / dense_macs
         lat_gain = 1 - ms[name] / ms["dense"]
@@ -139,8 +163,9 @@ def latency_one(args, arch: str | None) -> dict:
             f"(gain {lat_gain:+.1%}); latency gain / MAC gain = {r['ratio']:+.2f} (goal >= 0.5), "
             f"{r['ratio_vs_folded']:+.2f} against the folded dense model"
         )
-    return {"source": source, "threads": torch.get_num_threads(), "dense_macs": dense_macs, "dense_ms": ms["dense"],
-            "dense_folded_ms": ms["dense_folded"], "manidp_slice_share": slices / steps, "rows": rows}  # fmt: skip
+    return {"source": source, "device": str(device), "threads": torch.get_num_threads(), "dense_macs": dense_macs,
+            "dense_ms": ms["dense"], "dense_folded_ms": ms["dense_folded"], "manidp_slice_share": slices / steps,
+            "manidp_static_removal": removal, "rows": rows}  # fmt: skip
 
 
 @torch.no_grad()
@@ -183,8 +208,10 @@ def _timed_ms(fn, n: int = 300) -> float:
 def haste_accuracy(args) -> None:
     if not args.model:
         raise SystemExit("haste-accuracy needs --model FILE (a trained model file)")
+    device = torch.device(args.device)
     base, _, source, splits = inputs_for(args)
-    x, y = D.to_float(splits.test.x, splits), splits.test.y
+    base = base.to(device).eval()
+    x, y = D.to_float(splits.test.x, splits, device=device), splits.test.y.to(device)
     example = x[:1]
     t0 = time.perf_counter()
     logits, dense_macs, _ = forward_with_macs(base, x, 500)
@@ -194,7 +221,7 @@ def haste_accuracy(args) -> None:
     print(f"{source}: base top-1 {results['base']['top1']:.4f}, {float(dense_macs[0]) / 1e6:.2f} MMACs")
     for target in args.targets:
         t0 = time.perf_counter()
-        result = haste.Haste().run(Context(base, (), (), example, 10, Target("macs", target)))
+        result = haste.Haste().run(Context(base, (), (), example, 10, Target("macs", target), device=device))
         logits, total, overhead = forward_with_macs(result.model, x, 500)
         run = {
             "target": target, "hyperplanes": result.extra["hyperplanes"],
@@ -228,10 +255,25 @@ def main() -> None:
     parser.add_argument("--remain", type=float, default=0.6, help="ManiDP target remain rate t")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--per-round", type=int, default=16)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="latency, haste-accuracy: the device")
+    parser.add_argument(
+        "--static-below", type=float, default=0.01,
+        help="ManiDP dynamic-to-static removal: channels fewer than this share of the inputs keep go",
+    )  # fmt: skip
+    parser.add_argument(
+        "--smoke", action="store_true",
+        help="a few seconds: resnet20 only, 8 inputs, 2 rounds of 2 (checks that the paths run; no figures)",
+    )  # fmt: skip
     parser.add_argument("--out", default=None, help="write the figures as JSON")
     args = parser.parse_args()
     if args.manidp and not args.model:
         parser.error("--manidp needs --model, the base it was trained from")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here")
+    if not 0 < args.static_below <= 1:
+        parser.error(f"--static-below must be in (0, 1], got {args.static_below}")
+    if args.smoke:
+        args.arch, args.images, args.rounds, args.per_round = ["resnet20"], 8, 2, 2
     torch.set_num_threads(args.threads)
     {"latency": latency, "conv-scaling": conv_scaling, "haste-accuracy": haste_accuracy}[args.task](args)
 

@@ -29,6 +29,14 @@ def compare(
     targets: Annotated[
         str | None, typer.Option(help="Override: fractions to remove, e.g. 0.3,0.5.", rich_help_panel=O.PRUNE)
     ] = None,  # fmt: skip
+    latency_targets: Annotated[
+        str | None,
+        typer.Option(
+            help="Override: fractions of the measured latency to remove (at the experiment's latency_batch), e.g. "
+            "0.3; an equal-latency leaderboard of their own. Run such a grid with --jobs 1 on an idle machine.",
+            rich_help_panel=O.PRUNE,
+        ),
+    ] = None,  # fmt: skip
     seeds: Annotated[str | None, typer.Option(help="Override: seeds, e.g. 0,1,2.", rich_help_panel=O.RUN)] = None,
     finetune_epochs: Annotated[
         int | None, typer.Option(help="Override: fine-tuning epochs (every criterion).", rich_help_panel=O.TRAIN)
@@ -94,6 +102,7 @@ def compare(
     from prune_cli.run.experiment import load_experiment
 
     overrides = {"out": str(out) if out else None, "criteria": criteria, "targets": targets, "seeds": seeds,
+                 "latency_targets": latency_targets,
                  "dataset": dataset, "data_dir": str(data_dir) if data_dir else None,
                  "base": {"file": str(base)} if base else None, "bn_recalibration": bn_recalibration,
                  "executor": executor}  # fmt: skip
@@ -107,6 +116,9 @@ def compare(
         raise BadValue("--address, --cpus-per-cell and --gpus-per-cell are for --executor ray")
     if finetune_epochs is not None:  # a nested key: replace it in the parsed experiment (run_grid validates it)
         exp = replace(exp, finetune=replace(exp.finetune, epochs=finetune_epochs))
+    if exp.latency_targets and ((jobs or 1) > 1 or exp.executor == "ray"):
+        ui.warn("latency targets time their selection inside each cell: cells running at once slow each other's "
+                "timings down; run this grid with --jobs 1 on an idle machine")  # fmt: skip
     dev = run.setup()
     with ui.RichReporter() as reporter:
         result = grid.run_grid(
@@ -115,8 +127,10 @@ def compare(
         )  # fmt: skip
     if result.records:
         lb = report.write(result.records, exp.out_dir, title=exp.name)
+        by_latency = report.write_latency(result.records, exp.out_dir, title=exp.name)
         ui.info(f"{result.ran} cells run, {result.skipped} reused; leaderboard written to {exp.out_dir}")
         show(lb)
+        show_latency(by_latency)
         loads = [r["after"].get("load_average") or 0 for r in result.records]
         if warning := metrics.busy_machine_warning({"load_average": max(loads), "device": dev.type}):
             ui.warn(warning)
@@ -130,12 +144,26 @@ def show(lb) -> None:
     """Print the leaderboard with rich, one compact table per target (the files hold every column)."""
     from prune_cli.report import leaderboard as report
 
+    if lb.empty:  # only latency targets
+        return
     table = report.formatted(lb)
     keep = ["rank", "criterion", "MACs removed", "top-1", "drop (pt)", "MAC speed-up"]
     keep += [c for c in table.columns if c.startswith("latency speed-up")] + ["scoring (s)"]
     for target, rows in table.groupby("target", sort=False):
         short = rows[keep].rename(columns=lambda c: c.replace("latency speed-up ", "latency "))
         ui.grid(list(short.columns), short.values.tolist(), title=f"target {target} MACs (top-1 in %, mean ± std)")
+
+
+def show_latency(lb) -> None:
+    """Print the equal-latency leaderboard (latency targets), one table per requested fraction and batch size."""
+    from prune_cli.report import leaderboard as report
+
+    if lb.empty:
+        return
+    table = report.formatted_latency(lb)
+    keep = ["rank", "criterion", "latency removed", "top-1", "drop (pt)", "MACs removed", "note"]
+    for target, rows in table.groupby("target", sort=False):
+        ui.grid(keep, rows[keep].values.tolist(), title=f"target {target} (top-1 in %, mean ± std)")
 
 
 def register(app: typer.Typer) -> None:

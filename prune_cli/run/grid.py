@@ -140,7 +140,7 @@ def run_grid(
 
         def fell(cell: Cell, key: str, error: str) -> None:
             failed.append(record_failure(exp, cell, key, digest, error))
-            warn(f"cell {cell.spec.title} target {cell.job.target.reduction:g} seed {cell.job.seed} failed: {error}")
+            warn(f"cell {cell.spec.title} {cell.target_text} seed {cell.job.seed} failed: {error}")
             advance(1)
 
         ray_executor.run_on_ray(
@@ -150,7 +150,7 @@ def run_grid(
     elif jobs == 1 or len(todo) <= 1:
         advance = reporter.counter("cells", len(todo)) if reporter is not None and todo else (lambda n=1: None)
         for cell, key in todo:
-            log(f"cell {cell.spec.title} target {cell.job.target.reduction:g} seed {cell.job.seed}")
+            log(f"cell {cell.spec.title} {cell.target_text} seed {cell.job.seed}")
             record = run_cell(cell, key, reporter=reporter, log=log, defer_latency=defer_timing, **args)
             if defer_timing:
                 untimed.add(key)
@@ -296,7 +296,7 @@ def run_cell(
         "options": s["options"],
         "result": s["result"],
         "target": cell.job.target.reduction,
-        "metric": cell.job.target.metric,
+        "metric": "latency" if cell.job.target_latency else cell.job.target.metric,
         "seed": cell.job.seed,
         "bn_recalibration": s["bn_recalibration"],
         "base_file": str(base_file),
@@ -311,12 +311,32 @@ def run_cell(
         "started": started,
         "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    latency_reached(record)
     if defer_latency:  # the model first: a pending record is only read when its model is there too
         pruning.save(outcome, exp.out_dir / PENDING / f"{key}.safetensors")
         write_text(exp.out_dir / PENDING / f"{key}.json", json.dumps(record, default=str))
     else:
         Store(exp.out_dir).save(record)
     return record
+
+
+def latency_reached(record: dict[str, Any]) -> None:
+    """For a latency-target cell, set `record["latency_target"]`: the requested fraction and batch, whether the
+    criterion used it (False: it chose its own widths), the reduction its selection measured, and `reached`, the
+    reduction measured on the final models, base and pruned in alternating turns at that batch (None until timed).
+    Other cells are left alone."""
+    job = record["config"]["job"]
+    if not job.get("target_latency"):
+        return
+    batch = job.get("latency_batch", 1)
+    base_ms, pruned_ms = record["before"].get(f"latency_b{batch}_ms"), record["after"].get(f"latency_b{batch}_ms")
+    report = record["target_report"]
+    used = report.get("metric") == "latency"
+    record["latency_target"] = {
+        "requested": job["target_latency"], "batch": batch, "runtime": job.get("runtime", "torch"), "used": used,
+        "selection_reached": report.get("achieved") if used else None,
+        "reached": 1 - pruned_ms / base_ms if base_ms and pruned_ms else None,
+    }  # fmt: skip
 
 
 def _pending(exp: Experiment, key: str) -> tuple[dict[str, Any], Path] | None:
@@ -352,6 +372,7 @@ def time_pending(
         before, after = metrics.time_side_by_side([base, pruned], splits, **kw)
         record["before"].update(before)
         record["after"].update(after)
+        latency_reached(record)
         store.save(record)
         timed[key] = record
         model_file.unlink()

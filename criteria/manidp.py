@@ -40,6 +40,13 @@ Defaults that depart from the official code for short budgets (measured reasons 
   At 1x their saliencies stay within 1% of 1 after 3 epochs, so the thresholds pick channels by noise.
 - `bn_refresh`: the BatchNorm statistics are re-estimated on the calibration images after the last epoch, with the
   final gates: while the thresholds moved, the running averages mixed masks of different sparsity.
+- `manifold_grad` "gates": the manifold term trains the gates only; trained into the features too, it bent the
+  pretrained network towards the gates' similarity structure and cost accuracy over a short budget.
+- Thresholds that meet the target at inference: training's quantiles come from training-mode saliencies (batch
+  statistics), and the same thresholds keep more channels in eval mode. `refit_at_ramp_end`: when the ramp reaches
+  t, the rate whose eval-mode thresholds (`fit_thresholds`, set layer by layer on calibration images) meet the MACs
+  target replaces t for the rest of training; `fit_thresholds`: after the BatchNorm refresh, the same fit once more,
+  so the reported per-input MACs are the target's.
 
 t (`remain`): the target remain rate; by default derived from --target-macs by a static estimate (each gated
 conv costs t^2 of its MACs when its input is gated too, t otherwise). The realised per-input MACs differ
@@ -80,12 +87,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from criteria.manidp_sites import BlockPlan, block_plan, features_plan, gate_sites
-from criteria.manidp_train import ManiDPHooks, estimate_remain
+from criteria.manidp_train import ManiDPHooks, estimate_remain, fit_thresholds, fit_to_macs
 from prune_cli.api import Context, Dynamic, DynamicCriterion, register_criterion
-from prune_cli.api.dynamic import DynamicModule, analysing
+from prune_cli.api.dynamic import DynamicModule, analysing, per_input_macs
 from prune_cli.errors import BadValue
 
 THRESHOLD_INIT = -10000.0
+FIT_IMAGES = 512  # calibration images the eval-mode threshold fit uses (a bisection of about 12 forward passes)
 # Weights of at least this many elements gather kept (out, in) filter pairs in one pass at batch 1; smaller ones in
 # two (rows, then columns), which is cheaper there. Measured on 2 CPU threads: 64x64x3x3 two passes 9 us, one 14 us;
 # 128x128x3x3 39 us against 26 us; 512x512x3x3 331 us against 195 us.
@@ -474,8 +482,10 @@ class ManiDP(DynamicCriterion):
         track_momentum: float = 0.9  # schedule=track: momentum of the per-step moving average of saliencies
         gate_lr: float = 30.0  # learning-rate multiplier of the gates (official: 1)
         static_below: float = 0.0  # after training, remove the channels fewer than this share of calib inputs keep
-        manifold_grad: Literal["both", "gates"] = "both"  # what the manifold term trains (official: both)
+        manifold_grad: Literal["both", "gates"] = "gates"  # what the manifold term trains (official: both)
         bn_refresh: bool = True  # re-estimate BatchNorm statistics on the calibration images after training
+        fit_thresholds: bool = True  # after training, thresholds re-set in eval mode to meet the target (calib)
+        refit_at_ramp_end: bool = True  # schedule=ramp: when the ramp ends, the rate that meets it in eval mode
 
     def run(self, ctx: Context) -> Dynamic:
         o = self.options
@@ -505,7 +515,9 @@ class ManiDP(DynamicCriterion):
                             gate_lr=o.gate_lr, log=ctx.log,
                             detach_features=o.manifold_grad == "gates",
                             ramp=(o.ramp_start, o.ramp_end) if o.schedule == "ramp" else None,
-                            bn_images=ctx.require_calib().x.to(ctx.device) if o.bn_refresh else None)  # fmt: skip
+                            bn_images=ctx.require_calib().x.to(ctx.device) if o.bn_refresh else None,
+                            fit=_fitter(ctx, remain, o) if o.fit_thresholds or o.refit_at_ramp_end else None,
+                            final_fit=o.fit_thresholds, refit_at_ramp_end=o.refit_at_ramp_end)  # fmt: skip
         n_gated = len(gated_layers(model))
         ctx.log(f"manidp: {n_gated} gated convs, target remain rate {remain:.3f}, C = {complexity:.4f}")
         extra = {"remain": remain, "complexity": complexity}
@@ -517,6 +529,28 @@ class ManiDP(DynamicCriterion):
     def rebuild(cls, model: nn.Module, config: dict[str, Any]) -> nn.Module:
         """Gate a freshly built base model as `config` says; gates and thresholds come with the state dict."""
         return wrap(model, config)
+
+
+def _fitter(ctx: Context, remain: float, o: ManiDP.Options):
+    """The eval-mode threshold fit (`ManiDPHooks.fit`, returning the rate it set): to the MACs target when it comes
+    from --target-macs, else at the `remain` rate; on at most `FIT_IMAGES` calibration images."""
+    images = ctx.require_calib().x[:FIT_IMAGES].to(ctx.device)
+    if o.remain is not None:
+
+        def at_rate(model: nn.Module) -> float:
+            fit_thresholds(model, images, remain)
+            return remain
+
+        return at_rate
+    budget = ctx.target.keep * float(per_input_macs(ctx.model, ctx.example_input[:1])[0][0])
+
+    def fit(model: nn.Module) -> float:
+        rate, macs = fit_to_macs(model, images, budget)
+        ctx.log(f"manidp: eval-mode thresholds at rate {rate:.3f}: {macs / budget * ctx.target.keep:.3f} of the "
+                f"base's MACs per calibration input (target {ctx.target.keep:.3f})")  # fmt: skip
+        return rate
+
+    return fit
 
 
 def _finalize(model: nn.Module, ctx: Context, below: float, config: dict) -> tuple[nn.Module, dict[str, Any]]:

@@ -63,6 +63,46 @@ def refresh_batchnorm(model: nn.Module, images: Tensor, batch_size: int = 256) -
     recalibrate_batchnorm(model, images, batch_size=batch_size)
 
 
+@torch.no_grad()
+def fit_thresholds(model: nn.Module, images: Tensor, rate: float) -> None:
+    """Eval mode: each gated layer's threshold becomes the (1 - `rate`) quantile of its saliencies pi_ic over
+    `images` (N, C, H, W) and its channels, so that a share `rate` of the per-input keep decisions passes at
+    inference. Set in forward order, in one pass: a layer's saliencies depend on the thresholds above it."""
+
+    def hook(gate: nn.Module, args, pi: Tensor) -> None:
+        gate.threshold.fill_(float(torch.quantile(pi.float().flatten(), 1.0 - rate)))
+
+    handles = [conv.gate.register_forward_hook(hook) for conv in gated_layers(model)]
+    was_training = model.training
+    model.eval()
+    try:
+        model(images)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
+def fit_to_macs(model: nn.Module, images: Tensor, budget: float, steps: int = 12) -> tuple[float, float]:
+    """The thresholds (`fit_thresholds`) of the largest rate whose mean per-input MACs on `images` (N, C, H, W) stay
+    within `budget`, by bisection; returns (rate, mean MACs). Training sets the thresholds on training-mode
+    saliencies (batch statistics), which are not those of inference: there the same thresholds keep more channels
+    than the target (docs/methods.md, ManiDP)."""
+    from prune_cli.api.dynamic import per_input_macs
+
+    def macs_at(rate: float) -> float:
+        fit_thresholds(model, images, rate)
+        return float(per_input_macs(model, images)[0].mean())
+
+    lo, hi = 0.0, 1.0
+    if macs_at(hi) <= budget:
+        return hi, macs_at(hi)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if macs_at(mid) <= budget else (lo, mid)
+    return lo, macs_at(lo)
+
+
 def ramp_rate(progress: float, start: float, end: float, target: float) -> float:
     """Remain rate at a fraction `progress` of the training steps (schedule=ramp): 1 until `start`, then a cosine
     down to `target` at `end`, then `target`."""
@@ -84,8 +124,12 @@ class ManiDPHooks(TrainHooks):
         ahead: bool = False, track_momentum: float | None = None, gate_lr: float = 1.0,
         log: Callable[[str], None] = lambda message: None, detach_features: bool = False,
         ramp: tuple[float, float] | None = None, bn_images: Tensor | None = None,
+        fit: Callable[[nn.Module], float] | None = None, final_fit: bool = True, refit_at_ramp_end: bool = False,
     ):  # fmt: skip
         self.bn_images = bn_images  # re-estimate BatchNorm statistics on these after the last epoch (None: no)
+        self.fit = fit  # sets the thresholds in eval mode and returns the rate it set (None: training's only)
+        self.final_fit = final_fit  # `fit` after the last epoch
+        self.refit_at_ramp_end = refit_at_ramp_end  # `fit` when the ramp reaches t; the rest trains at its rate
         self.log, self.detach_features = log, detach_features
         # schedule=ramp: (start, end) fractions of the training steps between which the rate falls from 1 to t
         self.ramp, self.step, self.total_steps = ramp, 0, 0
@@ -123,6 +167,14 @@ class ManiDPHooks(TrainHooks):
                 if progress > start:
                     self.rate = ramp_rate(progress, start, end, self.remain)
                     self._follow_quantiles(layers, pis)
+                if progress >= end and self.refit_at_ramp_end and self.fit is not None:
+                    # The quantiles of training-mode saliencies (batch statistics) at the estimated rate t do not
+                    # meet the MACs target at inference; the rate that does, found in eval mode now, is the one the
+                    # rest of training follows, so the masks it adapts to are nearly those of inference.
+                    self.refit_at_ramp_end = False
+                    self.remain = self.rate = self.fit(model)
+                    self.ema = None
+                    self.log(f"manidp: the ramp ends at rate {self.rate:.3f}, which meets the target in eval mode")
             elif self.track_momentum is not None and self.rate is not None:
                 self._track(layers, [s / len(per_sample_ce) for s in sums])
             self.saliency_max = max(self.saliency_max, max(float(p.detach().max()) for p in pis))
@@ -156,9 +208,19 @@ class ManiDPHooks(TrainHooks):
                  f"{self.saliency_max:.4f}, sparsity + manifold loss {record['extra_loss']:.4f}{kept}")  # fmt: skip
         if isinstance(stats, dict):  # into the run's training history (kept in the model file)
             stats["manidp"] = {k: v for k, v in record.items() if k != "epoch"}
-        if epoch == epochs - 1 and self.bn_images is not None:
-            refresh_batchnorm(model, self.bn_images)
+        if epoch == epochs - 1:
+            self.finish(model)
         self._reset()
+
+    def finish(self, model: nn.Module) -> None:
+        """After the last epoch: BatchNorm statistics with the final gates, then eval-mode thresholds; twice when
+        both are on, since each moves the other's input a little."""
+        fit = self.fit if self.final_fit else None
+        for _ in range(2 if fit is not None and self.bn_images is not None else 1):
+            if self.bn_images is not None:
+                refresh_batchnorm(model, self.bn_images)
+            if fit is not None:
+                fit(model)
 
     def _follow_quantiles(self, layers: list[GatedConv2d], pis: list[Tensor]) -> None:
         """schedule=ramp: each layer's threshold follows (moving average, `track_momentum`) the (1 - rate) quantile

@@ -11,7 +11,15 @@ from torch import nn
 
 import models
 from criteria.manidp import THRESHOLD_INIT, GatedBlock, GatedConv2d, gated_layers, wrap
-from criteria.manidp_train import ManiDPHooks, instance_weights, manifold_loss, remain_rate, sparsity_loss
+from criteria.manidp_train import (
+    ManiDPHooks,
+    fit_thresholds,
+    fit_to_macs,
+    instance_weights,
+    manifold_loss,
+    remain_rate,
+    sparsity_loss,
+)
 from prune_cli.api import CalibData, Context, Dynamic, Target, check_result, get_criterion
 from prune_cli.api.dynamic import per_input_macs
 from prune_cli.errors import BadValue
@@ -351,6 +359,35 @@ def test_short_training_with_the_hooks(digits_calib):
     model.eval()
     total, _ = per_input_macs(model, x[:8])
     assert torch.all(total < count_macs(base, x[:1]))  # the schedule ended at t < 1: channels are skipped
+    # the eval-mode fit (at the ramp's end and after the last epoch) meets the target on the calibration images
+    keep = float(per_input_macs(model, x[:64])[0].mean()) / count_macs(base, x[:1])
+    assert 0.42 <= keep <= 0.5, keep
+
+
+def test_fit_thresholds_pass_the_rate_of_decisions_in_eval_mode():
+    torch.manual_seed(0)
+    model = gated(models.create_model("resnet20", num_classes=10, in_channels=3).eval())
+    set_random_gates(model)  # continuous saliencies; random gates compound, so deep layers saturate (ties)
+    x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    for rate in (0.3, 0.7):
+        fit_thresholds(model, x, rate)
+        model(x)  # eval mode, the thresholds just set
+        checked = 0
+        for conv in gated_layers(model):
+            if int((conv.last_saliency == conv.gate.threshold).sum()) <= 1:  # tied saliencies all pass
+                assert float(conv.last_keep().float().mean()) == pytest.approx(rate, abs=0.02)
+                checked += 1
+        assert checked >= 5 and not model.training
+
+
+def test_fit_to_macs_meets_the_budget(tiny_resnet, example_input):
+    model = gated(tiny_resnet)
+    set_random_gates(model)
+    x = torch.randn(32, *example_input.shape[1:], generator=torch.Generator().manual_seed(2))
+    dense = float(per_input_macs(model, x)[0].mean())  # every channel kept (thresholds at their initial value)
+    rate, macs = fit_to_macs(model, x, 0.6 * dense)
+    assert macs <= 0.6 * dense and macs >= 0.55 * dense and 0 < rate < 1
+    assert float(per_input_macs(model, x)[0].mean()) == pytest.approx(macs)  # the thresholds it returned are set
 
 
 def test_params_target_and_bad_options_are_refused(tiny_resnet, example_input):

@@ -1,5 +1,6 @@
 """`compare --executor ray` on one local Ray instance of 2 CPUs (started once for the module): the same records as the
-local executor, a killed driver resumed, a failing cell recorded and the grid going on, a missing extra refused."""
+local executor (and through a shared folder), a killed driver resumed, Ctrl-C cancelling the tasks, a failing cell and
+a dying worker recorded while the grid goes on, a missing extra refused."""
 
 import json
 import logging
@@ -132,22 +133,32 @@ def test_a_killed_driver_resumes_without_recomputing_finished_cells(cluster, ray
     )
 
 
-def test_a_failing_cell_is_recorded_and_the_others_finish(ray_grid, base, tmp_path):
-    """Target 0.95 is beyond what --max-ratio allows: that cell raises inside its task; the other one finishes,
-    the leaderboard holds it alone, and a re-run tries the failed cell again."""
+def test_a_failing_cell_is_recorded_and_the_others_finish(ray_grid, base, tmp_path, monkeypatch):
+    """Target 0.95 is beyond what --max-ratio allows: that cell raises inside its task; the other one, in the same
+    grid, starts only once the failure is recorded and finishes with the record of the full grid, the leaderboard
+    holds it alone, and a re-run tries the failed cell again."""
+    from prune_cli.run import ray_executor
+
     _, full, _ = ray_grid
     out = tmp_path / "out"
+
+    def after_the_failure(cell, key, base_bytes, args, threads):  # shipped by value (see below)
+        from prune_cli.run import ray_executor  # on the worker: the module as it is, not patched
+
+        deadline = time.time() + 300
+        while cell.job.target.reduction != 0.95 and not list(out.glob("failed/*.json")) and time.time() < deadline:
+            time.sleep(0.1)
+        return ray_executor._run_cell_task(cell, key, base_bytes, args, threads)
+
+    monkeypatch.setattr(ray_executor, "_run_cell_task", after_the_failure)
     exp = experiment(tmp_path / "bad.yaml", base={"file": str(base)},
                      targets=[0.95, 0.3], seeds=[0], out=str(out))  # fmt: skip
-    shutil.copytree(full / "records", out / "records")  # the 0.3 cell finished already: only the 0.95 one runs
-    for path in (out / "records").glob("*.json"):
-        if json.loads(path.read_text())["target"] != 0.3 or json.loads(path.read_text())["seed"] != 0:
-            path.unlink()
-    (good,) = records(out)
     result = run("compare", exp, "--executor", "ray")
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
-    assert "1 of 1 cells run failed" in result.output and "TargetUnreachable" in result.output
+    assert "1 of 2 cells run failed" in result.output and "TargetUnreachable" in result.output
+    (good,) = records(out)
+    assert without_timings(records(out)[good]) == without_timings(records(full)[good])
     (failure,) = [json.loads(p.read_text()) for p in (out / "failed").glob("*.json")]
     assert failure["target"] == 0.95 and "TargetUnreachable" in failure["error"]
     assert failure["key"] == config_key(failure["config"]) and failure["key"] not in records(out)
@@ -200,6 +211,9 @@ def test_the_executor_key_changes_no_cell_key(tmp_path):
         (["--executor", "ray", "--cpus-per-cell", "0"], "--cpus-per-cell must be >= 1"),
         (["--executor", "ray", "--address", "127.0.0.1:1"], "no Ray cluster answers there"),
         (["--executor", "ray", "--address", "head-node"], "expected HOST:PORT"),
+        (["--shared-dir", "/tmp"], "are for --executor ray"),
+        (["--executor", "ray", "--shared-dir", "no/such/folder"], "--shared-dir no/such/folder does not exist"),
+        (["--executor", "ray", "--shared-dir", "/proc"], "--shared-dir /proc: cannot write there"),
     ],
 )
 def test_bad_executor_options_are_one_line(base, tmp_path, args, message):
@@ -218,23 +232,102 @@ def test_a_cell_no_node_can_hold_is_refused_not_left_waiting(cluster, base, tmp_
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
 
 
-def test_a_worker_that_dies_is_retried_once_then_recorded_as_failed(cluster, base, tmp_path, monkeypatch):
-    """The task's worker process exits (as if killed, out of memory) on each try: Ray runs the cell twice, then
-    the cell is recorded as failed and compare ends in one line."""
+def test_a_worker_that_dies_is_retried_once_then_recorded_as_failed(cluster, ray_grid, base, tmp_path, monkeypatch):
+    """The worker process of the 0.4 cell exits (as if killed, out of memory) on each try: Ray runs that cell twice,
+    then it is recorded as failed and compare ends in one line; the 0.3 cell of the same grid finishes."""
     from prune_cli.run import ray_executor
 
+    _, full, _ = ray_grid
     tries = tmp_path / "tries"
     tries.mkdir()
 
+    out = tmp_path / "out"
+
     def dying(cell, key, base_bytes, args, threads):  # shipped by value: this test module is not importable there
+        if cell.job.target.reduction != 0.4:  # runs once the failure is recorded: the grid goes on after it
+            from prune_cli.run import ray_executor  # on the worker: the module as it is, not patched
+
+            deadline = time.time() + 300
+            while not list(out.glob("failed/*.json")) and time.time() < deadline:
+                time.sleep(0.1)
+            return ray_executor._run_cell_task(cell, key, base_bytes, args, threads)
         (tries / f"{os.getpid()}").touch()
         os._exit(1)
 
     monkeypatch.setattr(ray_executor, "_run_cell_task", dying)
-    exp = experiment(tmp_path / "e.yaml", base={"file": str(base)}, targets=[0.4], seeds=[0], out=str(tmp_path / "out"))
+    exp = experiment(tmp_path / "e.yaml", base={"file": str(base)}, targets=[0.4, 0.3], seeds=[0], out=str(out))
     result = run("compare", exp, "--executor", "ray")
     assert result.exit_code == 2, result.output
-    assert "1 of 1 cells run failed" in result.output and "Traceback" not in result.output
+    assert "1 of 2 cells run failed" in result.output and "Traceback" not in result.output
     assert len(list(tries.iterdir())) == 2  # two processes: the first try and the one retry
-    (failure,) = [json.loads(p.read_text()) for p in (tmp_path / "out" / "failed").glob("*.json")]
-    assert "WorkerCrashedError" in failure["error"] and not (tmp_path / "out" / "records").exists()
+    (failure,) = [json.loads(p.read_text()) for p in (out / "failed").glob("*.json")]
+    assert "WorkerCrashedError" in failure["error"] and failure["target"] == 0.4
+    (good,) = records(out)
+    assert without_timings(records(out)[good]) == without_timings(records(full)[good])
+
+
+def test_ctrl_c_cancels_the_tasks_in_flight(cluster, base, tmp_path, monkeypatch):
+    """Ctrl-C while the driver waits for its first result: every task is cancelled (not left running on the
+    cluster, which this process's connection would keep alive), and compare ends with one line, exit 130."""
+    previous = signal.getsignal(signal.SIGINT)  # the driver ignores a second Ctrl-C from then on: restored below
+    real_wait, waited = ray.wait, []
+
+    def interrupted(refs, **kw):
+        waited.extend(refs)
+        ready, _ = real_wait(refs, num_returns=len(refs), timeout=0)
+        assert not ready  # a cell takes seconds: none can have finished yet, so each one must be cancelled
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ray, "wait", interrupted)
+    out = tmp_path / "out"
+    exp = experiment(tmp_path / "e.yaml", base={"file": str(base)}, out=str(out))
+    try:
+        result = run("compare", exp, "--executor", "ray")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert result.exit_code == 130, result.output
+    assert "Ray tasks cancelled" in result.output and "Traceback" not in result.output
+    assert len(waited) == 4
+    for ref in waited:
+        with pytest.raises(ray.exceptions.TaskCancelledError):
+            ray.get(ref, timeout=120)
+    assert not (out / "records").exists() and not list((out / "pending").glob("*"))
+
+
+def test_shared_dir_gives_the_same_records_and_the_files_come_through_it(ray_grid, base, tmp_path, monkeypatch):
+    """With --shared-dir the tasks return nothing: their model files and records reach the driver through the
+    folder (seen there when the driver collects them, gone once collected), and the records equal those of the
+    grid that sent the bytes back. The flag overrides the experiment's `shared_dir`."""
+    from prune_cli.run import ray_executor
+
+    _, full, _ = ray_grid
+    shared, out = tmp_path / "shared", tmp_path / "out"
+    shared.mkdir()
+    real_deliver, delivered = ray_executor._deliver, []
+
+    def deliver(result, key, pending, folder, base_file):
+        files = sorted(p.name for p in shared.glob(f"*/pending/{key}.*"))
+        delivered.append((result, files))
+        real_deliver(result, key, pending, folder, base_file)
+        assert not list(shared.glob(f"*/pending/{key}.*"))  # collected: the driver removes them
+
+    monkeypatch.setattr(ray_executor, "_deliver", deliver)
+    exp = experiment(tmp_path / "e.yaml", base={"file": str(base)}, seeds=[0], out=str(out),
+                     shared_dir=str(tmp_path / "missing"))  # fmt: skip
+    refused = run("compare", exp, "--executor", "ray")  # the experiment's folder is checked before any work
+    assert refused.exit_code == 2 and f"--shared-dir {tmp_path / 'missing'} does not exist" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1 and not out.exists()
+    result = run("compare", exp, "--executor", "ray", "--shared-dir", shared)
+    assert result.exit_code == 0, result.output
+    assert "2 cells run, 0 reused" in result.output
+    assert len(delivered) == 2
+    for returned, files in delivered:
+        assert returned is None  # the task sent no bytes (and no record) back
+        assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".safetensors")
+    assert not list(shared.iterdir())  # this run's folder is removed at the end
+    by_shared, by_bytes = records(out), records(full)
+    assert len(by_shared) == 2 and not (out / "pending").exists()
+    for key, r in by_shared.items():
+        assert r["config"] == by_bytes[key]["config"] and r["base_file"] == by_bytes[key]["base_file"] == str(base)
+        assert r["after"]["latency_b1_ms"] > 0  # timed here, after the grid
+        assert without_timings(r) == without_timings(by_bytes[key]), key

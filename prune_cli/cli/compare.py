@@ -81,6 +81,14 @@ def compare(
     gpus_per_cell: Annotated[
         float, typer.Option(help="Ray: GPUs each cell reserves (> 0: cells run on the GPU).", rich_help_panel=O.RUN)
     ] = 0.0,  # fmt: skip
+    shared_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Ray: a folder every node mounts at this path; tasks leave their model files there instead of "
+            "sending them back (default: the experiment's shared_dir, else none).",
+            rich_help_panel=O.RUN,
+        ),
+    ] = None,  # fmt: skip
     defer_timing: Annotated[
         bool,
         typer.Option(
@@ -105,15 +113,15 @@ def compare(
                  "latency_targets": latency_targets,
                  "dataset": dataset, "data_dir": str(data_dir) if data_dir else None,
                  "base": {"file": str(base)} if base else None, "bn_recalibration": bn_recalibration,
-                 "executor": executor}  # fmt: skip
+                 "executor": executor, "shared_dir": str(shared_dir) if shared_dir else None}  # fmt: skip
     exp = load_experiment(experiment, overrides)
     cluster = None
     if exp.executor == "ray":
         from prune_cli.run.ray_executor import RaySettings
 
         cluster = RaySettings(address=address, num_cpus=jobs, cpus_per_cell=cpus_per_cell, gpus_per_cell=gpus_per_cell)
-    elif address is not None or cpus_per_cell != 1 or gpus_per_cell != 0:
-        raise BadValue("--address, --cpus-per-cell and --gpus-per-cell are for --executor ray")
+    elif address is not None or cpus_per_cell != 1 or gpus_per_cell != 0 or shared_dir is not None:
+        raise BadValue("--address, --cpus-per-cell, --gpus-per-cell and --shared-dir are for --executor ray")
     if finetune_epochs is not None:  # a nested key: replace it in the parsed experiment (run_grid validates it)
         exp = replace(exp, finetune=replace(exp.finetune, epochs=finetune_epochs))
     if exp.latency_targets and ((jobs or 1) > 1 or exp.executor == "ray"):

@@ -107,6 +107,7 @@ def run_grid(
         ray_executor.import_ray()  # a missing extra is one line now, not after the base model has been trained
         cluster = cluster or ray_executor.RaySettings()
         cluster.check_address()
+        ray_executor.check_shared_dir(exp.shared_dir)
     device = device or engine.default_device()
     store = Store(exp.out_dir)
     cells = exp.cells()  # validates every job before any training

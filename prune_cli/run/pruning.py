@@ -41,7 +41,6 @@ from prune_cli.run.environment import machine
 from prune_cli.selection import latency
 from prune_cli.selection import plan as selection
 from prune_cli.store.modelfile import save_model
-from prune_cli.surgery import CostModel
 
 # Training images the BatchNorm statistics are re-estimated on after removal (PruneJob.recalibrate_bn).
 BN_IMAGES = 2048
@@ -149,16 +148,45 @@ def make_context(
     device: torch.device, log: Callable[[str], None] = lambda m: None, progress=None,
 ) -> Context:  # fmt: skip
     """The read-only context of a criterion: groups in scope, calibration data only if the criterion needs it."""
-    in_scope = selection.groups_in_scope(groups, job.scope)
     calib: CalibData | None = None
     if criterion.needs & {"data", "labels", "grad", "train"}:
         calib = D.calib_data(splits, job.calib_images, device=device)
+    example = loading.example_input(splits).to(device)
+    return context(model, groups, example, splits.num_classes, calib, job, device, log, progress)
+
+
+def context(
+    model: nn.Module, groups: list[ChannelGroup], example: torch.Tensor, num_classes: int, calib: CalibData | None,
+    job: PruneJob, device: torch.device, log: Callable[[str], None] = lambda m: None, progress=None,
+) -> Context:  # fmt: skip
+    """The criterion's context from tensors in memory (`make_context` reads them from a run's splits)."""
     extra = {"progress": progress} if progress is not None else {}
     return Context(
-        model=model.eval(), groups=tuple(in_scope), all_groups=tuple(groups),
-        example_input=loading.example_input(splits).to(device), num_classes=splits.num_classes,
-        target=job.target, calib=calib, device=device, seed=job.seed, log=log, **extra,
+        model=model.eval(), groups=tuple(selection.groups_in_scope(groups, job.scope)), all_groups=tuple(groups),
+        example_input=example, num_classes=num_classes, target=job.target, calib=calib, device=device,
+        seed=job.seed, log=log, **extra,
     )  # fmt: skip
+
+
+def score(criterion: Criterion, ctx: Context, job: PruneJob) -> Result:
+    """The criterion's checked result on `ctx` (the first half of a run, shared by `run` and `prune_cli.prune`).
+
+    A static criterion's target is checked for reach first, so that an impossible one fails before scoring."""
+    if not criterion.dynamic:
+        selection.check_reachable(ctx.cost_model(), list(ctx.groups), job.target, job.round_to, job.max_ratio)
+    ctx.log(f"scoring {len(ctx.groups)} channel groups with {job.criterion}")
+    torch.manual_seed(job.seed)
+    return check_result(criterion.run(ctx), ctx.groups)
+
+
+def remove(
+    result: Result, ctx: Context, groups: list[ChannelGroup], job: PruneJob,
+    by_latency: Callable[[Scores, Allocation | None], Any] | None = None,
+) -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, Any]]:  # fmt: skip
+    """(the physically smaller model, kept channels per pruned group, target report) for a static result (the
+    second half, shared likewise)."""
+    keep, overrides, target_report = plan_from_result(result, ctx, job, by_latency)
+    return surgery.prune(ctx.model, ctx.example_input, keep, overrides or None, groups=groups), keep, target_report
 
 
 def plan_from_result(
@@ -212,11 +240,7 @@ def run(
     groups = surgery.channel_groups(base, example)
     progress = reporter.counter if reporter is not None and hasattr(reporter, "counter") else None
     ctx = make_context(base, groups, splits, criterion, job, device, log, progress)
-    if not criterion.dynamic:  # refuse an impossible target before spending time on scoring
-        selection.check_reachable(CostModel(base, example), list(ctx.groups), job.target, job.round_to, job.max_ratio)
-    log(f"scoring {len(ctx.groups)} channel groups with {job.criterion}")
-    torch.manual_seed(job.seed)
-    result = check_result(criterion.run(ctx), ctx.groups)
+    result = score(criterion, ctx, job)
     score_s = time.perf_counter() - t0
     by_latency = None
     if job.target_latency and isinstance(result, (Scores, Allocation)):
@@ -240,8 +264,7 @@ def run(
             pruned.prune_cli_dynamic = {"criterion": job.criterion, **result.config}
         pruned.prune_cli_arch = base.prune_cli_arch
     else:
-        keep, overrides, target_report = plan_from_result(result, ctx, job, by_latency)
-        pruned = surgery.prune(base, example, keep, overrides or None, groups=groups)
+        pruned, _, target_report = remove(result, ctx, groups, job, by_latency)
     recalibrated = job.recalibrate_bn and not isinstance(result, Dynamic)
     if recalibrated:
         engine.recalibrate_batchnorm(pruned, splits, images=BN_IMAGES, device=device)

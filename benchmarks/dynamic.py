@@ -10,7 +10,7 @@
      untrained gates (official Kaiming init, seed 0) whose thresholds are set as the schedule's last step sets
      them: per layer the k-th largest mean saliency over the inputs, k = ceil(t C_l), t = `--remain`.
    - ManiDP's real-latency path, the dynamic-to-static removal (`prune --criterion manidp --opt static_below=F`,
-     criteria/manidp_static.py): the channels that fewer than a share `--static-below` of the inputs keep are removed
+     criteria/manidp/static.py): the channels that fewer than a share `--static-below` of the inputs keep are removed
      physically. Timed: the gated model after removal, and its static copy without gates (what the static part alone
      runs at), next to the gated model before removal.
    - Two dense baselines: the model as it is, and the same with BatchNorm folded into the convs
@@ -43,7 +43,9 @@ import torch
 from torch.fx.experimental.optimization import fuse
 
 import models
-from criteria import haste, manidp, manidp_static, manidp_train
+from criteria import haste, manidp
+from criteria.manidp import static as manidp_static
+from criteria.manidp import train as manidp_train
 from prune_cli.api import Context, Target
 from prune_cli.api.dynamic import forward_with_macs, per_input_macs
 from prune_cli.data import splits as D

@@ -2,9 +2,9 @@
 (and its submodules) and `prune_cli.errors`. What several criteria need is offered there, so a criterion never
 reaches into the engine's internals, the zoo (`models`), or another criterion.
 
-A criterion too large for one module spans modules named after it (criteria/manidp.py, criteria/manidp_train.py,
-criteria/manidp_static.py): those may import each other, never another criterion's. The package's __init__ may
-import its criteria (that is how they register). Read from the source (ast), imports inside functions included.
+A criterion too large for one module is a package (criteria/manidp/): its modules may import each other, never
+another criterion's. The criteria package's own __init__ imports nothing of the project (it finds the criteria by
+listing its folder). Read from the source (ast), imports inside functions included.
 """
 
 import ast
@@ -50,11 +50,8 @@ def violations(folder: Path) -> list[str]:
     for path in sorted(folder.rglob("*.py")):
         parts = path.relative_to(folder.parent).with_suffix("").parts
         package = ".".join(parts[:-1])  # the package a relative import starts from (for __init__: its own)
-        if path.name == "__init__.py":
-            own = (package,)  # the package registers its criteria by importing them
-        else:
-            stem = path.stem.split("_")[0]
-            own = tuple(f"{package}.{m.stem}" for m in path.parent.glob(f"{stem}*.py") if m.stem.split("_")[0] == stem)
+        # a criterion's own module or package (criteria.<name>): a package's modules may import each other
+        own = (".".join(parts[:2]),) if len(parts) > 2 or path.name != "__init__.py" else ()
         for line, names in _imported(ast.parse(path.read_text(), str(path)), package):
             if not _within(names[0], PROJECT):
                 continue
@@ -82,18 +79,22 @@ def test_criteria_import_only_the_api():
         ("import importlib\nimportlib.import_module('prune_cli.selection.plan')", True),
         ("from prune_cli.api import Context\nfrom prune_cli.api.graph import trace", False),
         ("from prune_cli import api, errors\nfrom prune_cli.errors import BadValue", False),
-        ("from criteria.mine_helpers import x\nfrom .mine_helpers import y", False),
+        ("from criteria.mine_helpers import x", True),
+        ("from criteria.big.train import x", True),
         ("import torch\nfrom sklearn.linear_model import Lasso", False),
     ],
 )
 def test_the_check_catches_what_it_guards(tmp_path, source, caught):
     """The check itself: a planted import of the engine, the zoo or another criterion is reported; the API, the
-    errors, the criterion's own helper module and third-party packages are not."""
+    errors and third-party packages are not; a criterion package's modules may import each other."""
     folder = tmp_path / "criteria"
-    folder.mkdir()
-    (folder / "__init__.py").write_text("from criteria import mine, similarity\n")
+    (folder / "big").mkdir(parents=True)
+    (folder / "__init__.py").write_text("import importlib\n")
     (folder / "similarity.py").write_text("")
     (folder / "mine_helpers.py").write_text("")
+    (folder / "big" / "__init__.py").write_text("from criteria.big.train import fit\nfrom .sites import find\n")
+    (folder / "big" / "train.py").write_text("def fit():\n    from criteria.big import gates\n")
+    (folder / "big" / "sites.py").write_text("from . import train\n")
     (folder / "mine.py").write_text(source + "\n")
     bad = violations(folder)
     assert bool(bad) == caught, bad

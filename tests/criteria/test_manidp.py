@@ -11,7 +11,7 @@ from torch import nn
 
 import models
 from criteria.manidp import THRESHOLD_INIT, GatedBlock, GatedConv2d, gated_layers, wrap
-from criteria.manidp_train import (
+from criteria.manidp.train import (
     ManiDPHooks,
     fit_thresholds,
     fit_to_macs,

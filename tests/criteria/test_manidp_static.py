@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 import models
 from criteria.manidp import gated_layers, wrap
-from criteria.manidp_static import strip, to_static
-from criteria.manidp_train import ManiDPHooks
+from criteria.manidp.static import strip, to_static
+from criteria.manidp.train import ManiDPHooks
 from prune_cli import engine
 from prune_cli.api import CalibData, Context, Target, check_result, get_criterion
 from prune_cli.api.dynamic import input_dependence, is_dynamic, keep_stats, per_input_macs

@@ -10,7 +10,7 @@ stream, are never gated. `prev`: the gated conv whose mask zeroes this conv's in
 max-pools lie between (a channel that is zero stays zero through them), so its executed MACs count only the kept
 input channels.
 
-Compact batch-1 inference (criteria/manidp.py) needs to know more than the sites: a residual block is run compact
+Compact batch-1 inference (criteria/manidp/__init__.py) needs more than the sites: a residual block is run compact
 when its own forward is exactly relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)) with an identity shortcut or one
 child module (`block_plan`, matched on the block's own trace: prune-cli's BasicBlock and torchvision's), and an
 nn.Sequential when each gated conv in it is followed by its BatchNorm and a ReLU (`features_plan`: VGG features).

@@ -1,6 +1,6 @@
 """ManiDP's training: the sparsity and manifold losses, the remain-rate schedules and thresholds, the training hooks,
 the BatchNorm re-estimation after training, and the static estimate of the remain rate for a MACs target (see the
-module docstring of criteria/manidp.py for the method and its defaults)."""
+module docstring of criteria/manidp/__init__.py for the method and its defaults)."""
 
 from __future__ import annotations
 

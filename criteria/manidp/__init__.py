@@ -6,7 +6,7 @@ Gates (METHODS.md section 8): every gated conv gets a gate computed from the con
 with hidden = C_out if C_out < 80 else C_out / squeeze_rate, b2 initialised to 1.0, and the mask
     m = pi * 1[pi >= xi_l]                                                    (kept channels are scaled by pi)
 applied to the output of the conv's BatchNorm (before the ReLU, which commutes with m >= 0). Where the gates go is
-read from the model's structure (criteria/manidp_sites.py): in ResNet blocks (basic or bottleneck, prune-cli's or
+read from the model's structure (criteria/manidp/sites.py): in ResNet blocks (basic or bottleneck, prune-cli's or
 torchvision's) every conv of the block's own path; in VGGs every conv but the stem. Shortcuts, the stem and the
 classifier are never gated.
 
@@ -86,8 +86,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from criteria.manidp_sites import BlockPlan, block_plan, features_plan, gate_sites
-from criteria.manidp_train import ManiDPHooks, estimate_remain, fit_thresholds, fit_to_macs
+from criteria.manidp.sites import BlockPlan, block_plan, features_plan, gate_sites
+from criteria.manidp.train import ManiDPHooks, estimate_remain, fit_thresholds, fit_to_macs
 from prune_cli.api import Context, Dynamic, DynamicCriterion, register_criterion
 from prune_cli.api.dynamic import DynamicModule, analysing, per_input_macs
 from prune_cli.errors import BadValue
@@ -555,8 +555,8 @@ def _fitter(ctx: Context, remain: float, o: ManiDP.Options):
 
 def _finalize(model: nn.Module, ctx: Context, below: float, config: dict) -> tuple[nn.Module, dict[str, Any]]:
     """After training: (model with the channels that fewer than `below` of the calibration inputs keep removed
-    physically, {"model": its plain static copy, removed channels, static MACs and params}); see manidp_static."""
-    from criteria.manidp_static import to_static
+    physically, {"model": its plain static copy, removed channels, static MACs and params}); see `static`."""
+    from criteria.manidp.static import to_static
 
     new, static, report = to_static(model, ctx.require_calib().x.to(ctx.device), below, ctx.example_input, config)
     ctx.log(f"manidp: static_below={below}: {report['removed_channels']} of {report['gated_channels']} gated "

@@ -50,7 +50,7 @@ from prune_cli.api import (
     Target,
     check_result,
     get_criterion,
-)  # fmt: skip
+)
 from prune_cli.errors import BadValue, PruneCliError
 
 # Calibration images made up when a criterion needs data and none is given: enough for a per-class statistic on a
@@ -449,9 +449,7 @@ def _check_dynamic(crit: Criterion, result: Dynamic, model: nn.Module, example_i
         f"{name}: its dynamic model executes {macs:.0f} of the base's MACs per input (its own overhead aside), "
         f"more than the base's {base_macs:.0f}",
     )
-    # `Dynamic.config` where the API has it, else the older `extra["rebuild"]`
-    config = getattr(result, "config", None) or result.extra.get("rebuild")
-    rebuild = getattr(type(crit), "rebuild", None)
+    config, rebuild = result.config, getattr(type(crit), "rebuild", None)
     if config is not None and callable(rebuild):
         rebuilt = rebuild(copy.deepcopy(model), copy.deepcopy(dict(config)))
         try:

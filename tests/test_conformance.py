@@ -102,6 +102,16 @@ def test_the_check_fails_a_criterion_that_breaks_a_property(broken, message):
         check_criterion(broken)
 
 
+def test_the_check_fails_a_dynamic_criterion_whose_model_does_not_rebuild():
+    class Unrebuildable(get_criterion("haste")):
+        @classmethod
+        def rebuild(cls, model, config):  # forgets to wrap: a saved model file would not load
+            return model
+
+    with pytest.raises(ConformanceError, match="rebuilt from its config does not take its weights"):
+        check_criterion(Unrebuildable, options={"search_images": 4})
+
+
 def test_a_third_party_criterion_runs_the_same_check():
     """An unregistered criterion class (as a user's package would ship): |BatchNorm gamma| of each group."""
 

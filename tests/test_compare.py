@@ -153,6 +153,21 @@ def test_a_cell_left_untimed_by_a_worker_is_timed_by_the_next_run(base, tmp_path
     assert filed["before"]["latency_b1_ms"] > 0 and filed["after"]["latency_b1_ms"] > 0
 
 
+def test_defer_timing_leaves_the_cells_untimed_for_a_later_run(base, tmp_path):
+    """--defer-timing (a grid on a busy machine): the finished cell waits in pending/, no record and no timing; the
+    next run without it times and files the cell without running it again."""
+    exp_file = experiment(tmp_path / "l1.yaml", base={"file": str(base)}, criteria=["l1"], seeds=[0])
+    out = tmp_path / "out"
+    result = run("compare", exp_file, "--out", out, "--defer-timing", "--threads", WORKER_THREADS)
+    assert result.exit_code == 0, result.output
+    (pending,) = (out / "pending").glob("*.json")
+    assert "latency_b1_ms" not in json.loads(pending.read_text())["after"] and not (out / "records").exists()
+    result = run("compare", exp_file, "--out", out, "--threads", WORKER_THREADS)
+    assert result.exit_code == 0, result.output
+    assert "0 cells run, 1 reused" in result.output and not (out / "pending").exists()
+    assert "latency_b1_ms" in json.loads((out / "records" / pending.name).read_text())["after"]
+
+
 @pytest.mark.parametrize(
     "values, message",
     [

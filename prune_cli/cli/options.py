@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
+from prune_cli.selection.defaults import SELECTION
+
 if TYPE_CHECKING:
     import torch
 
@@ -147,12 +149,12 @@ class RunOptions:
 class SelectOptions:
     """How scores become a keep-plan: the selection options `prune` and `score` share."""
 
-    mode: Mode = "uniform"
-    scope: Scope = "internal"
-    round_to: RoundTo = 1
-    fast_widths: FastWidths = 0
-    max_ratio: MaxRatio = 0.9
-    calib_images: CalibImages = 1024
+    mode: Mode = SELECTION.mode
+    scope: Scope = SELECTION.scope
+    round_to: RoundTo = SELECTION.round_to
+    fast_widths: FastWidths = SELECTION.fast_widths
+    max_ratio: MaxRatio = SELECTION.max_ratio
+    calib_images: CalibImages = SELECTION.calib_images
 
 
 def grouped(**groups: str) -> Callable[[F], F]:

@@ -36,6 +36,7 @@ from prune_cli.config import build_dataclass, check_seed, load_yaml
 from prune_cli.engine import TrainConfig
 from prune_cli.errors import BadConfig, BadValue
 from prune_cli.run.pruning import PruneJob, build_criterion
+from prune_cli.selection.defaults import SELECTION
 
 EXECUTORS = ("local", "ray")
 
@@ -90,12 +91,12 @@ class Experiment:
     metric: str = "macs"
     seeds: tuple[int, ...] = (0,)
     finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
-    scope: str = "internal"
-    mode: str = "uniform"
-    round_to: int = 1
-    fast_widths: int = 0
-    max_ratio: float = 0.9
-    calib_images: int = 1024
+    scope: str = SELECTION.scope
+    mode: str = SELECTION.mode
+    round_to: int = SELECTION.round_to
+    fast_widths: int = SELECTION.fast_widths
+    max_ratio: float = SELECTION.max_ratio
+    calib_images: int = SELECTION.calib_images
     latency_batches: tuple[int, ...] = (1, 64)
     latency_seconds: float = 2.0
     bn_recalibration: bool = True  # re-estimate BatchNorm statistics after removal (PruneJob.recalibrate_bn)

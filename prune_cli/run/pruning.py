@@ -40,6 +40,7 @@ from prune_cli.run import loading
 from prune_cli.run.environment import machine
 from prune_cli.selection import latency
 from prune_cli.selection import plan as selection
+from prune_cli.selection.defaults import SELECTION
 from prune_cli.store.modelfile import save_model
 
 # Training images the BatchNorm statistics are re-estimated on after removal (PruneJob.recalibrate_bn).
@@ -53,12 +54,12 @@ class PruneJob:
     criterion: str = "l1"
     options: Mapping[str, Any] = field(default_factory=dict)
     target: Target = field(default_factory=Target)
-    mode: str = "uniform"
-    scope: str = "internal"
-    round_to: int = 1
-    fast_widths: int = 0  # batch size at which selection times widths (0: off)
-    max_ratio: float = 0.9
-    calib_images: int = 1024
+    mode: str = SELECTION.mode
+    scope: str = SELECTION.scope
+    round_to: int = SELECTION.round_to
+    fast_widths: int = SELECTION.fast_widths  # batch size at which selection times widths (0: off)
+    max_ratio: float = SELECTION.max_ratio
+    calib_images: int = SELECTION.calib_images
     finetune_epochs: int = 0
     lr: float = 0.01
     batch_size: int = 128

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
-from helpers import train_digits_base
+from helpers import train_digits_base, write_experiment
 from typer.testing import CliRunner
 
 from prune_cli.api import list_criteria
@@ -35,12 +34,7 @@ def run(*args):
 
 
 def experiment(path: Path, **values) -> Path:
-    spec = {
-        "name": "tiny", "dataset": "digits", "targets": [0.3], "seeds": [0, 1], "finetune": {"epochs": 1},
-        "latency_batches": [1], "latency_seconds": 0.05, "calib_images": 128, **values,
-    }  # fmt: skip
-    path.write_text(yaml.safe_dump(spec))
-    return path
+    return write_experiment(path, **values)
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
-from helpers import train_digits_base
+from helpers import train_digits_base, write_experiment
 from typer.testing import CliRunner
 
 from prune_cli.cli import app
@@ -27,13 +26,9 @@ def run(*args):
 
 
 def experiment(path: Path, **values) -> Path:
-    spec = {
-        "name": "tiny-latency", "dataset": "digits", "criteria": ["l1", "similarity"], "targets": [],
-        "latency_targets": [0.3], "latency_batch": 8, "seeds": [0], "finetune": {"epochs": 0},
-        "latency_batches": [1], "latency_seconds": 0.05, "calib_images": 128, **values,
-    }  # fmt: skip
-    path.write_text(yaml.safe_dump(spec))
-    return path
+    spec = {"name": "tiny-latency", "criteria": ["l1", "similarity"], "targets": [], "latency_targets": [0.3],
+            "latency_batch": 8, "seeds": [0], "finetune": {"epochs": 0}}  # fmt: skip
+    return write_experiment(path, **{**spec, **values})
 
 
 @pytest.fixture(scope="module")

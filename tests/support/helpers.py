@@ -100,3 +100,15 @@ def train_digits_base(folder, epochs: int = 1):
                                       "--out", str(out), "-q"])  # fmt: skip
     assert result.exit_code == 0, result.output
     return out
+
+
+def write_experiment(path, **values):
+    """A tiny digits experiment YAML at `path` (Path); `values` override or add keys. Returns `path`."""
+    import yaml
+
+    spec = {
+        "name": "tiny", "dataset": "digits", "targets": [0.3], "seeds": [0, 1], "finetune": {"epochs": 1},
+        "latency_batches": [1], "latency_seconds": 0.05, "calib_images": 128, **values,
+    }  # fmt: skip
+    path.write_text(yaml.safe_dump(spec))
+    return path

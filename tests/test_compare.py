@@ -371,6 +371,39 @@ def test_ctrl_c_twice_ends_a_parallel_grid_at_once_and_keeps_its_finished_cells(
     assert kept <= keys and all(_pending(exp, k) is not None for k in kept)  # the next run times these, not re-runs
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads worker processes from /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_killed_driver_leaves_no_worker_running(base, tmp_path, sig):
+    """SIGTERM ends the grid as Ctrl-C does (the workers are killed); after SIGKILL, which the driver cannot see,
+    each worker notices that its parent is gone and ends by itself instead of running its cell for nobody."""
+    out = tmp_path / "out"
+    exp_file = experiment(
+        tmp_path / "grid.yaml", base={"file": str(base)}, criteria=["sensitivity"], seeds=[0, 1],
+        finetune={"epochs": 0}, out=str(out),
+    )  # fmt: skip
+    cmd = [sys.executable, "-m", "prune_cli", "compare", str(exp_file), "--jobs", "2"]
+    child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while len(workers := _workers_of(child.pid)) < 2 and child.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(2)  # the workers are in their cells (sensitivity's sweep runs far longer than this test waits)
+        assert child.poll() is None and len(workers) == 2, "the grid ended before it could be stopped"
+        child.send_signal(sig)
+        child.communicate(timeout=20)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    deadline = time.time() + 10
+    while not all(_gone(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in workers if not _gone(pid)]
+    for pid in left:  # leave nothing behind, then fail
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"workers still running {sig.name} after the driver: {left}"
+
+
 def test_the_leaderboard_does_not_depend_on_the_order_of_the_records(tmp_path):
     """compare writes its records in grid order, report reads them in file-name order: the same leaderboard."""
     from prune_cli.report import leaderboard as report

@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import platform
 import signal
+import threading
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
@@ -209,14 +210,17 @@ def run_in_processes(
     """Run `todo` in `jobs` worker processes; `finished(key)` after each cell has left its files in `pending`.
 
     Ctrl-C (SIGINT, to this process or to the terminal's whole process group) is this process's alone to handle:
-    the workers ignore it, and it kills them at once. A cell a worker has finished is already in `pending` (written
-    atomically) and survives; the cells in flight are lost and run again by the next `compare`.
+    the workers ignore it, and it kills them at once; SIGTERM to this process does the same. A cell a worker has
+    finished is already in `pending` (written atomically) and survives; the cells in flight are lost and run again
+    by the next `compare`. A worker whose driver is killed outright ends by itself (`_exit_with_parent`).
     """
     threads = max(1, (os.cpu_count() or 1) // jobs)
     log(f"running {len(todo)} cells in {jobs} processes with {threads} thread(s) each")
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked OpenMP or torch state
     pool = cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads,))
     futures: dict[cf.Future, str] = {}
+    on_main = threading.current_thread() is threading.main_thread()  # only there can a signal handler be set
+    previous_term = signal.signal(signal.SIGTERM, _terminate_as_interrupt) if on_main else None
     try:
         with _sigint_ignored():  # the workers start during submit and inherit SIG_IGN before their first line runs
             futures = {pool.submit(run_cell, cell, key, **args, defer_latency=True): key for cell, key in todo}
@@ -235,7 +239,15 @@ def run_in_processes(
         except KeyboardInterrupt:
             _stop(pool, pending)
         raise
+    finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, previous_term)
     pool.shutdown(wait=True)
+
+
+def _terminate_as_interrupt(signum, frame) -> None:
+    """SIGTERM (`kill`, a job scheduler) ends the grid as Ctrl-C does: without it the workers outlived the driver."""
+    raise KeyboardInterrupt
 
 
 def _stop(pool: cf.ProcessPoolExecutor, pending: Path) -> None:
@@ -273,6 +285,15 @@ def _kill_workers(pool: cf.ProcessPoolExecutor, pending: Path) -> None:
 def _init_worker(threads: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited already; kept for a start method that does not
     torch.set_num_threads(threads)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
+    """A worker whose driver died (SIGKILL, a crash) is adopted by another process: it then ends at once instead of
+    running its cell to the end for nobody (its cell is run again by the next `compare`)."""
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    os._exit(1)
 
 
 def run_cell(

@@ -66,6 +66,7 @@ def test_values_are_score_mass_shares_weighted_by_the_group_time():
     )
     assert L.values_of(torch.tensor([-1.0, 1.0])).tolist() == pytest.approx([-np.inf, 0, 0])  # shifted to >= 0
     assert L.values_of(torch.zeros(4)).tolist() == pytest.approx([-np.inf, *log([0.25, 0.5, 0.75, 1.0])])
+    assert L.values_of(torch.ones(3), 0.0).tolist() == [0, 0, 0, 0]  # a group charged no time: no NaN
 
 
 def test_equal_scores_and_linear_times_give_the_uniform_cut():

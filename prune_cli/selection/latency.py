@@ -232,6 +232,8 @@ def values_of(scores: Tensor, weight: float = 1.0) -> np.ndarray:
     s = s - min(0.0, float(s.min()))
     s = s / s.sum() if float(s.sum()) > 0 else torch.full_like(s, 1.0 / len(s))
     share = torch.cumsum(torch.sort(s, descending=True).values, 0).clamp(max=1.0).numpy()
+    if weight == 0:  # a group charged no time: every width is worth the same (0 * log 0 would be NaN)
+        return np.zeros(len(share) + 1)
     with np.errstate(divide="ignore"):
         return weight * np.log(np.concatenate([[0.0], share]))
 

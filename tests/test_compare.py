@@ -147,6 +147,24 @@ def test_a_cell_left_untimed_by_a_worker_is_timed_by_the_next_run(base, tmp_path
     assert filed["before"]["latency_b1_ms"] > 0 and filed["after"]["latency_b1_ms"] > 0
 
 
+def test_runtime_onnxruntime_times_the_grid_with_onnx_runtime(base, tmp_path):
+    """`runtime: onnxruntime` (or --runtime) times base and pruned models under ONNX Runtime: the records say so, the
+    leaderboard's header names it, and the cell's key differs from the torch-timed cell's (whose key is unchanged)."""
+    pytest.importorskip("onnxruntime")
+    exp_file = experiment(tmp_path / "l1.yaml", base={"file": str(base)}, criteria=["l1"], seeds=[0])
+    out = tmp_path / "out"
+    result = run("compare", exp_file, "--out", out, "--runtime", "onnxruntime", "--threads", WORKER_THREADS)
+    assert result.exit_code == 0, result.output
+    (record,) = [json.loads(p.read_text()) for p in (out / "records").glob("*.json")]
+    assert record["after"]["runtime"] == record["before"]["runtime"] == "onnxruntime"
+    assert record["after"]["latency_b1_ms"] > 0 and record["config"]["job"]["runtime"] == "onnxruntime"
+    assert "timed with onnxruntime" in (out / "leaderboard.md").read_text()
+    exp = load_experiment(exp_file)
+    (cell,) = exp.cells()
+    assert record["key"] != config_key(cell.config(exp.dataset, exp.data_dir, file_digest(base)))
+    assert "runtime" not in cell.config(exp.dataset, exp.data_dir, "x")["job"]  # torch: keys of old records stay
+
+
 def test_defer_timing_leaves_the_cells_untimed_for_a_later_run(base, tmp_path):
     """--defer-timing (a grid on a busy machine): the finished cell waits in pending/, no record and no timing; the
     next run without it times and files the cell without running it again."""

@@ -38,6 +38,14 @@ def compare(
         ),
     ] = None,  # fmt: skip
     seeds: Annotated[str | None, typer.Option(help="Override: seeds, e.g. 0,1,2.", rich_help_panel=O.RUN)] = None,
+    runtime: Annotated[
+        str | None,
+        typer.Option(
+            help="Override: what latency is timed with, torch or onnxruntime (needs the extra: pip install "
+            "'prune-cli\\[onnx]').",
+            rich_help_panel=O.OUTPUT,
+        ),
+    ] = None,  # fmt: skip
     finetune_epochs: Annotated[
         int | None, typer.Option(help="Override: fine-tuning epochs (every criterion).", rich_help_panel=O.TRAIN)
     ] = None,  # fmt: skip
@@ -113,8 +121,13 @@ def compare(
                  "latency_targets": latency_targets,
                  "dataset": dataset, "data_dir": str(data_dir) if data_dir else None,
                  "base": {"file": str(base)} if base else None, "bn_recalibration": bn_recalibration,
-                 "executor": executor, "shared_dir": str(shared_dir) if shared_dir else None}  # fmt: skip
+                 "executor": executor, "shared_dir": str(shared_dir) if shared_dir else None,
+                 "runtime": runtime}  # fmt: skip
     exp = load_experiment(experiment, overrides)
+    if exp.runtime == "onnxruntime":  # a missing extra is one line now, not after the grid's hours
+        from prune_cli.store.onnx import require_onnx
+
+        require_onnx()
     cluster = None
     if exp.executor == "ray":
         from prune_cli.run.ray_executor import RaySettings

@@ -63,7 +63,7 @@ def runs(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
             "base_params": b["params"], "params": a["params"],
             "score_s": t.get("score_s"), "finetune_s": t.get("finetune_s"), "total_s": t.get("total_s"),
             "finetune_epochs": r["config"]["job"].get("finetune_epochs"), "threads": a.get("threads"),
-            "load_average": a.get("load_average"),
+            "runtime": a.get("runtime", "torch"), "load_average": a.get("load_average"),
         }  # fmt: skip
         for key, value in b.items():
             if key.startswith("latency_b") and key.endswith("_ms") and not key.endswith("spread_ms"):
@@ -222,7 +222,8 @@ def header(df: pd.DataFrame) -> str:
     epochs = sorted(set(df["finetune_epochs"].dropna().astype(int)))
     return (f"Base model: top-1 {100 * df['base_top1_own'].mean():.2f}%, {base['base_macs'] / 1e6:.2f}M MACs, "
             f"{base['base_params'] / 1e6:.3f}M params. Fine-tuning: {', '.join(map(str, epochs))} epoch(s) for "
-            f"every criterion. {len(df)} runs; latency on {int(base['threads'] or 0)} thread(s).\n\n"
+            f"every criterion. {len(df)} runs; latency on {int(base['threads'] or 0)} thread(s), timed with "
+            f"{', '.join(sorted(set(df['runtime'].fillna('torch'))))}.\n\n"
             f"{bn_sentence(df)}")  # fmt: skip
 
 

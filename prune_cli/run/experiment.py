@@ -12,6 +12,7 @@
     bn_recalibration: true                 # re-estimate BatchNorm statistics after removal (the default)
     executor: local                        # or ray: where the cells run (never part of a cell's key)
     shared_dir: /mnt/shared                # optional, ray only: a folder all nodes mount, for the tasks' files
+    runtime: torch                         # or onnxruntime: what latency is timed with (extra prune-cli[onnx])
 
 Unknown keys are errors with a suggestion (`prune_cli.config`); values are converted to the declared types, so
 CLI overrides (strings) and YAML values give the same experiment. Each cell is a `pruning.PruneJob`; its key
@@ -104,6 +105,7 @@ class Experiment:
     notes: str = ""
     executor: str = "local"  # where cells run (`local` processes or `ray` tasks): not in any cell's config or key
     shared_dir: str | None = None  # ray: a folder at the same path on every node, for the tasks' files (not in keys)
+    runtime: str = "torch"  # what latency is timed with (torch or onnxruntime); in a cell's key only when not torch
 
     @property
     def out_dir(self) -> Path:
@@ -137,7 +139,7 @@ class Experiment:
             max_ratio=self.max_ratio,
             calib_images=self.calib_images, finetune_epochs=ft.epochs, lr=ft.lr, batch_size=ft.batch_size,
             weight_decay=ft.weight_decay, seed=seed, latency_batches=batches,
-            latency_seconds=self.latency_seconds, recalibrate_bn=self.bn_recalibration, **extra,
+            latency_seconds=self.latency_seconds, recalibrate_bn=self.bn_recalibration, runtime=self.runtime, **extra,
         )  # fmt: skip
 
 

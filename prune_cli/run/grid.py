@@ -389,7 +389,8 @@ def time_pending(
             raise BadValue(f"the untimed run record of cell {key} disappeared from {folder}; run compare again")
         record, model_file = found
         job = record["config"]["job"]
-        kw = dict(latency_batches=job["latency_batches"], device=device, latency_seconds=job["latency_seconds"])
+        kw = dict(latency_batches=job["latency_batches"], device=device, latency_seconds=job["latency_seconds"],
+                  runtime=job.get("runtime", "torch"))  # fmt: skip
         pruned = load_model(model_file, device, trust=trust).eval()
         before, after = metrics.time_side_by_side([base, pruned], splits, **kw)
         record["before"].update(before)

@@ -371,12 +371,14 @@ def test_ctrl_c_twice_ends_a_parallel_grid_at_once_and_keeps_its_finished_cells(
         if child.poll() is None:
             child.send_signal(signal.SIGINT)
         stopped = time.time()
-        _, stderr = child.communicate(timeout=20)
+        _, stderr = child.communicate(timeout=60)
     finally:
         if child.poll() is None:
             child.kill()
             child.wait()
-    assert time.time() - stopped < 10
+    # Seconds on an idle machine; up to 18 s measured beside the suite's other worker (a Ray test's processes). A
+    # driver that waits for its workers' cells instead takes minutes (sensitivity's sweep).
+    assert time.time() - stopped < 30
     assert child.returncode == 130, stderr
     assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == "error: interrupted", stderr
     assert all(_gone(pid) for pid in workers)

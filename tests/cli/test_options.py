@@ -34,8 +34,9 @@ def test_a_command_gets_the_options_it_names_in_that_order_as_one_value(monkeypa
     assert runner.invoke(small, ["--threads", "2"]).exit_code == 2  # not offered: no such option
 
 
-# Options a command declares for itself on purpose: sinf eval's batches are "1 and a routed deployment's batch".
-OWN = {("eval", "--latency-batches"), ("report", "--quiet")}
+# Options a command declares for itself on purpose: sinf eval's batches are "1 and a routed deployment's batch";
+# compare's --runtime overrides the experiment's `runtime:` (no default of its own), as its other flags do.
+OWN = {("eval", "--latency-batches"), ("report", "--quiet"), ("compare", "--runtime")}
 
 
 def test_every_command_offers_a_shared_option_with_its_one_declaration():

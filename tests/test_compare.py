@@ -377,7 +377,7 @@ def test_ctrl_c_twice_ends_a_parallel_grid_at_once_and_keeps_its_finished_cells(
             child.kill()
             child.wait()
     # Seconds on an idle machine; up to 18 s measured beside the suite's other worker (a Ray test's processes). A
-    # driver that waits for its workers' cells instead takes minutes (sensitivity's sweep).
+    # driver that waits for its workers' cells instead runs on through sensitivity's sweep, far longer.
     assert time.time() - stopped < 30
     assert child.returncode == 130, stderr
     assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == "error: interrupted", stderr

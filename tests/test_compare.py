@@ -339,6 +339,15 @@ def _workers_of(pid: int) -> list[int]:
     return found
 
 
+def _as_from_a_terminal() -> None:
+    """In the child before it starts: SIGINT and SIGTERM delivered and at their defaults, as in a shell. A test run
+    may leave them ignored or blocked in its worker (an in-process Ray driver, an interrupted grid), and a child
+    inherits both: it would then never see the signal this test sends."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _gone(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
@@ -358,7 +367,8 @@ def test_ctrl_c_twice_ends_a_parallel_grid_at_once_and_keeps_its_finished_cells(
         finetune={"epochs": 0}, out=str(out),
     )  # fmt: skip
     cmd = [sys.executable, "-m", "prune_cli", "compare", str(exp_file), "--jobs", "2"]
-    child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=_as_from_a_terminal)  # fmt: skip
     try:
         deadline = time.time() + 240  # a loaded machine: the l1 cell, not the stop, takes this long
         while not list((out / "pending").glob("*.json")) and child.poll() is None and time.time() < deadline:
@@ -402,7 +412,8 @@ def test_a_killed_driver_leaves_no_worker_running(base, tmp_path, sig):
         finetune={"epochs": 0}, out=str(out),
     )  # fmt: skip
     cmd = [sys.executable, "-m", "prune_cli", "compare", str(exp_file), "--jobs", "2"]
-    child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=_as_from_a_terminal)  # fmt: skip
     try:
         deadline = time.time() + 240
         while len(workers := _workers_of(child.pid)) < 2 and child.poll() is None and time.time() < deadline:

@@ -348,6 +348,13 @@ def _as_from_a_terminal() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def _start_grid(exp_file: Path) -> subprocess.Popen:
+    """`compare EXP --jobs 2` in a child process, as started from a shell (`_as_from_a_terminal`)."""
+    cmd = [sys.executable, "-m", "prune_cli", "compare", str(exp_file), "--jobs", "2"]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_as_from_a_terminal)  # fmt: skip
+
+
 def _gone(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
@@ -361,14 +368,12 @@ def test_ctrl_c_twice_ends_a_parallel_grid_at_once_and_keeps_its_finished_cells(
     and no traceback, its worker processes are gone, and every cell a worker had finished is still there for the
     next run to time and file (no half-written file)."""
     out = tmp_path / "out"
-    # Two cells in two workers: l1 finishes in seconds, sensitivity's sweep runs far longer than the 10 s allowed.
+    # Two cells in two workers: l1 finishes in seconds, sensitivity's sweep runs far longer than the stop may take.
     exp_file = experiment(
         tmp_path / "grid.yaml", base={"file": str(base)}, criteria=["l1", "sensitivity"], seeds=[0],
         finetune={"epochs": 0}, out=str(out),
     )  # fmt: skip
-    cmd = [sys.executable, "-m", "prune_cli", "compare", str(exp_file), "--jobs", "2"]
-    child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             preexec_fn=_as_from_a_terminal)  # fmt: skip
+    child = _start_grid(exp_file)
     try:
         deadline = time.time() + 240  # a loaded machine: the l1 cell, not the stop, takes this long
         while not list((out / "pending").glob("*.json")) and child.poll() is None and time.time() < deadline:
@@ -411,9 +416,7 @@ def test_a_killed_driver_leaves_no_worker_running(base, tmp_path, sig):
         tmp_path / "grid.yaml", base={"file": str(base)}, criteria=["sensitivity"], seeds=[0, 1],
         finetune={"epochs": 0}, out=str(out),
     )  # fmt: skip
-    cmd = [sys.executable, "-m", "prune_cli", "compare", str(exp_file), "--jobs", "2"]
-    child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             preexec_fn=_as_from_a_terminal)  # fmt: skip
+    child = _start_grid(exp_file)
     try:
         deadline = time.time() + 240
         while len(workers := _workers_of(child.pid)) < 2 and child.poll() is None and time.time() < deadline:

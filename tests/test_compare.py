@@ -450,3 +450,22 @@ def test_the_leaderboard_does_not_depend_on_the_order_of_the_records(tmp_path):
         report.write([records[i] for i in order], tmp_path / str(order), title="q")
     for name in ("leaderboard.md", "leaderboard.csv"):
         assert len({(folder / name).read_text() for folder in tmp_path.iterdir()}) == 1
+
+
+def test_ranking_shift_correlates_the_ranked_entries_that_have_a_before_figure():
+    """Per target, Spearman's rho of the mean top-1 before and after fine-tuning; a dynamic method (no "before") and
+    an entry that missed its target are left out, and a target with one entry left gets no row."""
+    lb = pd.DataFrame({
+        "target": [0.3, 0.3, 0.3, 0.3, 0.3, 0.5, 0.5],
+        "criterion": ["a", "b", "c", "manidp", "short", "a", "manidp"],
+        "rank": pd.array([1, 2, 3, 4, pd.NA, 1, 2], dtype="Int64"),
+        "has_before_ft": [True, True, True, False, True, True, False],
+        "top1_before_ft_mean": [0.70, 0.80, 0.90, 0.99, 0.10, 0.5, 0.99],
+        "top1_mean": [0.93, 0.92, 0.91, 0.90, 0.99, 0.9, 0.8],
+    })  # fmt: skip
+    shift = report.ranking_shift(lb)
+    assert shift.to_dict("records") == [
+        {"target": 0.3, "criteria": 3, "spearman": pytest.approx(-1.0), "leader_before_ft": "c", "leader_after_ft": "a"}
+    ]
+    assert "| -30% | 3 | -1.00 | c | a |" in report.ranking_shift_markdown(shift)
+    assert report.ranking_shift_markdown(report.ranking_shift(lb[lb["target"] == 0.5])) == ""

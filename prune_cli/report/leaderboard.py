@@ -58,6 +58,7 @@ def runs(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
             "base_top1_bn_recalibrated": b.get("top1_bn_recalibrated"),
             "bn_recalibration": job.get("recalibrate_bn", True), "bn_images": a.get("bn_recalibrated_images"),
             "top1_before_ft": a.get("top1_before_finetune", a["top1"]), "top1": a["top1"],
+            "has_before_ft": "top1_before_finetune" in a,
             "macs_removed": 1 - a["macs"] / b["macs"], "params_removed": 1 - a["params"] / b["params"],
             "mac_speedup": b["macs"] / a["macs"], "base_macs": b["macs"], "macs": a["macs"],
             "base_params": b["params"], "params": a["params"],
@@ -103,6 +104,7 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     mean_cols = ["macs_removed", "params_removed", "mac_speedup", "score_s", "finetune_s", "base_top1"]
     mean_cols += sorted(c for c in df.columns if c.startswith("latency_speedup_b"))
     out = grouped[mean_cols].mean()
+    out["has_before_ft"] = grouped["has_before_ft"].all()
     for col in ("top1_before_ft", "top1"):
         out[f"{col}_mean"] = grouped[col].mean()
         out[f"{col}_std"] = grouped[col].std(ddof=1).fillna(0.0)
@@ -120,6 +122,37 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
              "top1_before_ft_mean", "top1_before_ft_std", "top1_mean", "top1_std", "drop_pt",
              "mac_speedup"]  # fmt: skip
     return out[first + [c for c in out.columns if c not in first]]
+
+
+def ranking_shift(lb: pd.DataFrame) -> pd.DataFrame:
+    """Per target, how fine-tuning reorders the criteria: Spearman's rho between the mean top-1 before and after
+    fine-tuning over the ranked entries that have both (a dynamic method's training is its fine-tuning: it has no
+    "before" and is left out), and the leader of each. Empty when no target has two such entries."""
+    from scipy.stats import spearmanr
+
+    rows = []
+    for target, g in lb[lb["rank"].notna() & lb["has_before_ft"]].groupby("target", sort=True):
+        if len(g) < 2:
+            continue
+        rho = spearmanr(g["top1_before_ft_mean"], g["top1_mean"]).statistic
+        rows.append({"target": target, "criteria": len(g), "spearman": rho,
+                     "leader_before_ft": g.loc[g["top1_before_ft_mean"].idxmax(), "criterion"],
+                     "leader_after_ft": g.loc[g["top1_mean"].idxmax(), "criterion"]})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def ranking_shift_markdown(shift: pd.DataFrame) -> str:
+    """The `ranking_shift` table as a Markdown section ('' when empty)."""
+    if shift.empty:
+        return ""
+    table = pd.DataFrame({
+        "target": [f"-{100 * t:.0f}%" for t in shift["target"]], "criteria": shift["criteria"],
+        "Spearman (before FT, after FT)": [f"{rho:+.2f}" for rho in shift["spearman"]],
+        "leads before FT": shift["leader_before_ft"], "leads after FT": shift["leader_after_ft"],
+    })  # fmt: skip
+    return ("\n## Ranking before and after fine-tuning\n\nSpearman's rho between the criteria's mean top-1 before and "
+            "after fine-tuning, over the ranked entries that have both (a dynamic method's training is its "
+            f"fine-tuning, so it has no figure before).\n\n{markdown(table)}")  # fmt: skip
 
 
 def latency_leaderboard(df: pd.DataFrame) -> pd.DataFrame:
@@ -261,7 +294,9 @@ def write(records: Sequence[dict[str, Any]], out_dir: str | Path, title: str = "
     table = formatted(lb)
     with atomic_write(out_dir / "leaderboard.csv") as tmp:
         lb.to_csv(tmp, index=False, float_format="%.6g")
-    write_text(out_dir / "leaderboard.md", f"# {title}\n\n{header(df)}\n\n{markdown(table)}")
+    shift = ranking_shift(lb) if df["finetune_epochs"].fillna(0).gt(0).any() else pd.DataFrame()
+    text = f"# {title}\n\n{header(df)}\n\n{markdown(table)}{ranking_shift_markdown(shift)}"
+    write_text(out_dir / "leaderboard.md", text)
     write_text(out_dir / "leaderboard.tex", table.to_latex(index=False).replace("±", r"$\pm$").replace("%", r"\%"))
     plot(df, lb, out_dir)
     return lb
@@ -290,7 +325,8 @@ def write_latency(records: Sequence[dict[str, Any]], out_dir: str | Path, title:
 
 
 def plot(df: pd.DataFrame, lb: pd.DataFrame, out_dir: Path) -> None:
-    """accuracy_vs_macs.png (top-1 after fine-tuning, error bars = std over seeds) and latency_vs_macs.png."""
+    """accuracy_vs_macs.png (top-1 after fine-tuning against MACs removed, bands = std over seeds) and
+    latency_vs_macs.png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -303,10 +339,12 @@ def plot(df: pd.DataFrame, lb: pd.DataFrame, out_dir: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for name, g in lb.groupby("criterion", sort=False):
         g = g.sort_values("macs_removed")
-        ax.errorbar(100 * (1 - g["macs_removed"]), 100 * g["top1_mean"], yerr=100 * g["top1_std"], marker="o",
-                    capsize=3, label=name, color=colours[name])  # fmt: skip
+        x, mean, std = 100 * g["macs_removed"], 100 * g["top1_mean"], 100 * g["top1_std"]
+        ax.plot(x, mean, marker="o", label=name, color=colours[name])
+        ax.fill_between(x, mean - std, mean + std, color=colours[name], alpha=0.2, linewidth=0)
     ax.axhline(base_top1, color="grey", linestyle="--", linewidth=1, label="base")
-    ax.set(xlabel="MACs kept (% of base)", ylabel=ylabel, title="accuracy against MACs (mean ± std over seeds)")
+    title = "accuracy against MACs removed (mean, band ± std over seeds)"
+    ax.set(xlabel="MACs removed (% of base)", ylabel=ylabel, title=title)
     ax.legend(fontsize=8)
     _save(fig, out_dir / "accuracy_vs_macs.png")
 

@@ -6,7 +6,9 @@ it is not the stem (some other conv lies between it and the image), and its chan
 BatchNorm's output is not added into a residual sum (a ResNet block's first conv, every VGG conv), or its input comes
 from a gated conv's BatchNorm (a block's second or third conv). This is what the official code gates (conv_a and
 conv_b of each block, every VGG conv but the first); shortcut projections, which read and write the residual
-stream, are never gated. `prev`: the gated conv whose mask zeroes this conv's input channels, when only ReLUs and
+stream, are never gated. Under `--scope internal` (the default selection scope, which keeps the residual stream
+whole for every criterion) a conv whose channels feed a residual sum keeps its outputs (`Site.gated` False) and only
+its input is gated. `prev`: the gated conv whose mask zeroes this conv's input channels, when only ReLUs and
 max-pools lie between (a channel that is zero stays zero through them), so its executed MACs count only the kept
 input channels.
 
@@ -36,13 +38,16 @@ _POOL_NAMES = {"max_pool2d", "_max_pool2d"}
 
 
 class Site(NamedTuple):
-    """One gated conv: its module name, its BatchNorm's, the gated conv that gates its input (None: none), and
-    whether a ReLU reads the BatchNorm's output (the manifold loss pools the feature after it)."""
+    """One gated conv: its module name, its BatchNorm's, the gated conv that gates its input (None: none), whether
+    a ReLU reads the BatchNorm's output (the manifold loss pools the feature after it), and whether its own output
+    channels are gated (`gated` False: only its input is, by `prev`; a residual block's last conv when the gates
+    stay off the residual stream)."""
 
     conv: str
     bn: str
     prev: str | None
     relu: bool
+    gated: bool = True
 
 
 class BlockPlan(NamedTuple):
@@ -81,8 +86,10 @@ def _is_sum(n: fx.Node) -> bool:
     return n.op == "call_method" and n.target in ("add", "add_")
 
 
-def gate_sites(model: nn.Module) -> list[Site]:
-    """The convs ManiDP gates (module docstring), in the order the forward calls them."""
+def gate_sites(model: nn.Module, residual: bool = True) -> list[Site]:
+    """The convs ManiDP gates (module docstring), in the order the forward calls them. `residual` False: a conv
+    whose channels are added into a residual sum keeps every output channel (its input is still gated by `prev`),
+    as `--scope internal` keeps the residual stream whole for every other criterion."""
     gm = trace(model, "ManiDP")
     modules = dict(model.named_modules())
     nodes = list(gm.graph.nodes)
@@ -126,9 +133,12 @@ def gate_sites(model: nn.Module) -> list[Site]:
         source = gating_input(c)
         prev = source if source is not None and own[source] and source in gated else None
         if own[c] or prev is not None:
-            gated.add(c)
+            out_gated = own[c] or residual
+            if out_gated:  # only a conv whose outputs are gated can gate the next one's input
+                gated.add(c)
             relu = any(_is_relu(modules, u) for u in b.users)
-            sites.append(Site(str(c.target), str(b.target), str(prev.target) if prev is not None else None, relu))
+            prev_name = str(prev.target) if prev is not None else None
+            sites.append(Site(str(c.target), str(b.target), prev_name, relu, out_gated))
     return sites
 
 

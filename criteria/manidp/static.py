@@ -22,7 +22,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from criteria.manidp import GatedBlock, GatedConv2d, GatedFeatures, conv_sharing_weights, gated_layers, wrap
+from criteria.manidp import (
+    GatedBlock,
+    GatedConv2d,
+    GatedFeatures,
+    InputGatedConv2d,
+    conv_sharing_weights,
+    gated_layers,
+    wrap,
+)
 from prune_cli.api import ChannelGroup
 from prune_cli.api.dynamic import keep_masks
 from prune_cli.api.graph import CostModel, prune
@@ -31,13 +39,15 @@ from prune_cli.api.graph import CostModel, prune
 def strip(model: nn.Module) -> nn.Module:
     """A plain (ungated) copy of a gated model: each GatedConv2d back to an nn.Conv2d holding a copy of its weights,
     the BatchNorm masks removed, gated blocks and VGG features back to their base classes; the gates dropped."""
+    wrapped = (GatedConv2d, InputGatedConv2d)
     for conv in gated_layers(model):  # per-forward records (some are closures): nothing to copy
         conv.last_saliency = conv.last_mask = conv.last_kept = conv.last_feature = None
+    for conv in (m for m in model.modules() if isinstance(m, wrapped)):
         conv.clear_record()
         conv.__dict__.pop("_folded", None)
     plain = copy.deepcopy(model)
     plain.__dict__.pop("prune_cli_dynamic", None)
-    for name, conv in [(n, m) for n, m in plain.named_modules() if isinstance(m, GatedConv2d)]:
+    for name, conv in [(n, m) for n, m in plain.named_modules() if isinstance(m, wrapped)]:
         parent_name, _, attr = name.rpartition(".")
         setattr(plain.get_submodule(parent_name), attr, conv_sharing_weights(conv))
     for m in plain.modules():

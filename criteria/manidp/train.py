@@ -247,19 +247,23 @@ class ManiDPHooks(TrainHooks):
 
 def estimate_remain(base: nn.Module, gated: nn.Module, example_input: Tensor, keep: float) -> float:
     """t such that gated convs at t (t^2 when their input is gated too), with their gates' overhead (pooling, two FC
-    layers, one product per kept output value), keep `keep` of the base model's MACs."""
+    layers, one product per kept output value), and input-gated-only convs at t keep `keep` of the base model's
+    MACs."""
+    from criteria.manidp import InputGatedConv2d
     from prune_cli.api.dynamic import per_input_macs
 
     layers = gated_layers(gated)
+    inputs_only = [m for m in gated.modules() if isinstance(m, InputGatedConv2d)]
     costs: dict[int, float] = {}
     fixed: dict[int, float] = {}
     scaled: dict[int, float] = {}
 
     def hook(m, args, out):
         costs[id(m)] = float(out[0].numel() * m.in_channels * m.kernel_size[0] * m.kernel_size[1])  # per sample
-        fixed[id(m)], scaled[id(m)] = float(args[0][0].numel() + m.gate.macs), float(out[0].numel())
+        if m in layers:
+            fixed[id(m)], scaled[id(m)] = float(args[0][0].numel() + m.gate.macs), float(out[0].numel())
 
-    handles = [c.register_forward_hook(hook) for c in layers]
+    handles = [c.register_forward_hook(hook) for c in layers + inputs_only]
     try:
         with torch.no_grad():
             gated(example_input[:1].repeat(2, 1, 1, 1))  # batch 2: batch 1 runs compact, not the convs' forward
@@ -271,6 +275,7 @@ def estimate_remain(base: nn.Module, gated: nn.Module, example_input: Tensor, ke
 
     def kept(t: float) -> float:
         gated_cost = sum(costs[id(c)] * (t * t if c.prev is not None else t) + scaled[id(c)] * t for c in layers)
+        gated_cost += sum(costs[id(c)] * t for c in inputs_only)
         return rest + sum(fixed.values()) + gated_cost
 
     if kept(0.0) > keep * dense:

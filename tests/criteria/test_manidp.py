@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import models
-from criteria.manidp import THRESHOLD_INIT, GatedBlock, GatedConv2d, gated_layers, wrap
+from criteria.manidp import THRESHOLD_INIT, GatedBlock, GatedConv2d, InputGatedConv2d, gated_layers, wrap
 from criteria.manidp.train import (
     ManiDPHooks,
     fit_thresholds,
@@ -159,6 +159,70 @@ def test_per_input_macs_by_hand(tiny_resnet):
         want_over += gate + k_out * hw_out  # + scaling of the kept channels
     assert torch.equal(overhead, torch.full((3,), want_over, dtype=torch.float64))
     assert torch.equal(total, torch.full((3,), want_total + want_over, dtype=torch.float64))
+
+
+INTERNAL = {**IDENTITY, "residual_gates": False}
+
+
+def test_internal_scope_leaves_the_residual_stream_whole(tiny_resnet):
+    """residual_gates false (`--scope internal`): each block's conv1 is gated, its conv2 only reads conv1's kept
+    channels and keeps all its outputs (no mask on bn2); batch 1 runs compact and equals the batched masking; the
+    MACs count conv2's kept inputs (checked by hand) and no overhead for it."""
+    model = gated(tiny_resnet, INTERNAL).double()
+    block = model.layer2[0]
+    assert [n for n, m in model.named_modules() if isinstance(m, GatedConv2d)][:2] == [
+        "layer1.0.conv1",
+        "layer1.1.conv1",
+    ]
+    assert len(gated_layers(model)) == 9 and type(block.conv2) is InputGatedConv2d and block.conv2.prev is block.conv1
+    assert not block.bn2._forward_hooks and isinstance(block, GatedBlock)
+    set_constant_gates(model)
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    single, batched, single_macs, macs = _single_vs_batched(model, x)
+    assert torch.allclose(single, batched, rtol=1e-9, atol=1e-12 * batched.abs().max())
+    assert torch.equal(single_macs, macs)
+    sizes = _spatial_sizes(model, x[:1])
+    want, over = float(count_macs(tiny_resnet, x[:1].float())), 0.0
+    for conv in gated_layers(model):
+        k_out = int((conv.gate.b2 >= 0.5).sum())
+        want -= (conv.out_channels - k_out) * conv.in_channels * 9 * sizes[conv][1]
+        over += conv.in_channels * sizes[conv][0] + conv.gate.w1.numel() + conv.gate.w2.numel() + k_out * sizes[conv][1]
+    for conv in (m for m in model.modules() if isinstance(m, InputGatedConv2d)):
+        k_in = int((conv.prev.gate.b2 >= 0.5).sum())
+        want -= (conv.in_channels - k_in) * conv.out_channels * 9 * sizes[conv][1]
+    total, overhead = per_input_macs(model, x)
+    assert torch.equal(overhead, torch.full((3,), over, dtype=torch.float64))
+    assert torch.equal(total, torch.full((3,), want + over, dtype=torch.float64))
+    for b in (model.layer1[0], block):  # conv1 keeping nothing: conv2 sees no input, its BatchNorm shift stays
+        b.conv1.gate.threshold.fill_(1e9)
+    single, batched, *_ = _single_vs_batched(model, x)
+    assert torch.allclose(single, batched, rtol=1e-9, atol=1e-12 * batched.abs().max())
+
+
+def test_bottleneck_under_internal_scope_keeps_conv3_whole():
+    torch.manual_seed(0)
+    model = gated(models.create_model("resnet50", num_classes=4).eval(), INTERNAL).double()
+    block = model.layer1[0]
+    assert [type(getattr(block, c)) for c in ("conv1", "conv2", "conv3")] == [GatedConv2d] * 2 + [InputGatedConv2d]
+    assert block.conv3.prev is block.conv2
+    set_random_gates(model)
+    single, batched, single_macs, macs = _single_vs_batched(model, torch.randn(2, 3, 8, 8, dtype=torch.float64))
+    assert torch.allclose(single, batched, rtol=1e-9, atol=1e-12 * batched.abs().max())
+    assert torch.equal(single_macs, macs)
+
+
+@pytest.mark.parametrize(("scope", "gated_convs"), [("internal", 9), ("all", 18)])
+def test_manidp_follows_the_selection_scope(tiny_resnet, scope, gated_convs):
+    """The gates go where the selection scope lets every criterion prune: the residual stream only under `all`; the
+    choice is in the model's config, so the rebuilt model has the same gates."""
+    from prune_cli.testing import make_context
+
+    ctx = make_context(tiny_resnet, calib=(torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,))), scope=scope)
+    result = get_criterion("manidp")().run(ctx)
+    assert len(gated_layers(result.model)) == gated_convs
+    assert result.config["residual_gates"] is (scope == "all")
+    rebuilt = get_criterion("manidp").rebuild(copy.deepcopy(tiny_resnet), result.config)
+    assert len(gated_layers(rebuilt)) == gated_convs
 
 
 def _spatial_sizes(model, x):
@@ -488,3 +552,20 @@ def test_compact_vgg_features_match_the_batched_masking(tiny_vgg):
         model.features[-2].running_var.mul_(3.0)  # the last BatchNorm
     single, batched, _, _ = _single_vs_batched(model, x)
     assert torch.allclose(single, batched, rtol=1e-9, atol=1e-12 * batched.abs().max())
+
+
+def test_l1_gate_start_keeps_the_function_and_ranks_channels_by_l1(tiny_resnet):
+    """gate_init=l1: the gated model computes the base's function, and each gate's saliencies (equal for every
+    input) order the channels as their filters' L1 norms, so quantile thresholds first drop what l1 would."""
+    from criteria.manidp import l1_start
+
+    model = gated(tiny_resnet, INTERNAL)
+    l1_start(model, spread=0.2)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), tiny_resnet(x), rtol=1e-5, atol=1e-5)
+        for conv in gated_layers(model):
+            pi = conv.last_saliency
+            assert torch.equal(pi[0], pi[1])
+            assert torch.equal(pi[0].argsort(), conv.weight.abs().sum((1, 2, 3)).argsort())
+            assert float(pi.max() - pi.min()) == pytest.approx(0.2)

@@ -552,11 +552,11 @@ class ManiDP(DynamicCriterion):
         thre_cls: float = 0.5
         squeeze_rate: int = 2
         clamp_max: float = 2.0  # saliencies lie in [0, clamp_max] (official 1000: unbounded in effect)
-        gate_init: Literal["identity", "kaiming", "l1"] = "identity"
+        gate_init: Literal["identity", "kaiming", "l1"] = "l1"
         l1_spread: float = 0.2  # gate_init=l1: b2 spans 1 -+ l1_spread / 2 in the order of the filters' L1 norms
         schedule: Literal["official", "ahead", "track", "ramp"] = "ramp"
-        ramp_start: float = 0.2  # schedule=ramp: fractions of the training steps where the rate starts to fall...
-        ramp_end: float = 0.6  # ...and where it reaches t (the rest trains at t)
+        ramp_start: float = 0.0  # schedule=ramp: fractions of the training steps where the rate starts to fall...
+        ramp_end: float = 0.3  # ...and where it reaches t (the rest trains at t)
         track_momentum: float = 0.9  # schedule=track: momentum of the per-step moving average of saliencies
         gate_lr: float = 30.0  # learning-rate multiplier of the gates (official: 1)
         static_below: float = 0.0  # after training, remove the channels fewer than this share of calib inputs keep

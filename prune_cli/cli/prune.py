@@ -102,8 +102,9 @@ def show(summary: dict, batches: tuple[int, ...]) -> None:
     # Each pruned figure beside the original measured the same way: right after removal, with BatchNorm statistics
     # re-estimated on the same images when the pruned model's were; after fine-tuning, with the statistics training
     # leaves (the original's own).
-    same, top1 = before.get("top1_bn_recalibrated", before["top1"]), after["top1_before_finetune"]
-    rows.append(["top-1 (test)", f"{same:.4f}", f"{top1:.4f} before fine-tune", f"{100 * (top1 - same):+.2f} pt"])
+    same, top1 = before.get("top1_bn_recalibrated", before["top1"]), after.get("top1_before_finetune")
+    if top1 is not None:  # none for a method that prunes while it trains (ManiDP)
+        rows.append(["top-1 (test)", f"{same:.4f}", f"{top1:.4f} before fine-tune", f"{100 * (top1 - same):+.2f} pt"])
     if after.get("top1") is not None and summary["finetune_epochs"]:
         epochs = summary["finetune_epochs"]
         ft = f"{after['top1']:.4f} after {epochs} epoch{'s' if epochs != 1 else ''}"

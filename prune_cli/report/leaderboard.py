@@ -57,8 +57,8 @@ def runs(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
             "base_top1": b["top1"] if same is None else same, "base_top1_own": b["top1"],
             "base_top1_bn_recalibrated": b.get("top1_bn_recalibrated"),
             "bn_recalibration": job.get("recalibrate_bn", True), "bn_images": a.get("bn_recalibrated_images"),
-            "top1_before_ft": a.get("top1_before_finetune", a["top1"]), "top1": a["top1"],
-            "has_before_ft": "top1_before_finetune" in a,
+            # none for a method that prunes while it trains (ManiDP): its model before training is the base
+            "top1_before_ft": a.get("top1_before_finetune", float("nan")), "top1": a["top1"],
             "macs_removed": 1 - a["macs"] / b["macs"], "params_removed": 1 - a["params"] / b["params"],
             "mac_speedup": b["macs"] / a["macs"], "base_macs": b["macs"], "macs": a["macs"],
             "base_params": b["params"], "params": a["params"],
@@ -104,7 +104,6 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     mean_cols = ["macs_removed", "params_removed", "mac_speedup", "score_s", "finetune_s", "base_top1"]
     mean_cols += sorted(c for c in df.columns if c.startswith("latency_speedup_b"))
     out = grouped[mean_cols].mean()
-    out["has_before_ft"] = grouped["has_before_ft"].all()
     for col in ("top1_before_ft", "top1"):
         out[f"{col}_mean"] = grouped[col].mean()
         out[f"{col}_std"] = grouped[col].std(ddof=1).fillna(0.0)
@@ -131,7 +130,7 @@ def ranking_shift(lb: pd.DataFrame) -> pd.DataFrame:
     from scipy.stats import spearmanr
 
     rows = []
-    for target, g in lb[lb["rank"].notna() & lb["has_before_ft"]].groupby("target", sort=True):
+    for target, g in lb[lb["rank"].notna() & lb["top1_before_ft_mean"].notna()].groupby("target", sort=True):
         if len(g) < 2:
             continue
         rho = spearmanr(g["top1_before_ft_mean"], g["top1_mean"]).statistic
@@ -196,6 +195,13 @@ def latency_leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     return out[first + [c for c in out.columns if c not in first]]
 
 
+def before_ft(r: pd.Series) -> str:
+    """A leaderboard row's top-1 before fine-tuning, mean +- std in %; "(trains)" for a method that prunes while it
+    trains, which has no pruned model before its training."""
+    mean, std = r["top1_before_ft_mean"], r["top1_before_ft_std"]
+    return "(trains)" if pd.isna(mean) else f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
 def formatted_latency(lb: pd.DataFrame) -> pd.DataFrame:
     """The latency leaderboard as display strings: requested and reached reduction, top-1 in % (mean +- std)."""
     rows = []
@@ -207,7 +213,7 @@ def formatted_latency(lb: pd.DataFrame) -> pd.DataFrame:
             "seeds": int(r["seeds"]),
             "latency removed": "not timed" if pd.isna(reached)
             else f"{100 * reached:.1f} ± {100 * r['latency_reached_std']:.1f}%",
-            "top-1 before FT": f"{100 * r['top1_before_ft_mean']:.2f} ± {100 * r['top1_before_ft_std']:.2f}",
+            "top-1 before FT": before_ft(r),
             "top-1": f"{100 * r['top1_mean']:.2f} ± {100 * r['top1_std']:.2f}", "drop (pt)": f"{r['drop_pt']:+.2f}",
             "MACs removed": f"{100 * r['macs_removed']:.1f}%", "scoring (s)": f"{r['score_s']:.1f}",
             "note": r["note"],
@@ -229,7 +235,7 @@ def formatted(lb: pd.DataFrame) -> pd.DataFrame:
             "rank": str(int(r["rank"])) if pd.notna(r["rank"]) else "missed target",
             "seeds": int(r["seeds"]), "MACs removed": f"{100 * r['macs_removed']:.1f}%",
             "params removed": f"{100 * r['params_removed']:.1f}%",
-            "top-1 before FT": pm(r["top1_before_ft_mean"], r["top1_before_ft_std"]),
+            "top-1 before FT": before_ft(r),
             "top-1": pm(r["top1_mean"], r["top1_std"]), "drop (pt)": f"{r['drop_pt']:+.2f}",
             "MAC speed-up": f"{r['mac_speedup']:.2f}x",
         }  # fmt: skip

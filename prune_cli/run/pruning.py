@@ -272,7 +272,12 @@ def run(
     else:
         before.pop("top1_bn_recalibrated", None)
     surgery_s = time.perf_counter() - t1
-    top1_before_ft = engine.evaluate(pruned, splits.test, splits, device=device).top1
+    # A method that prunes while it trains (training hooks: ManiDP's thresholds) has no pruned model before its
+    # training: the gated model then is still the base, and its top-1 would read as the method's "before".
+    trains = hooks is not None
+    top1_before_ft = (
+        None if trains and job.finetune_epochs else engine.evaluate(pruned, splits.test, splits, device=device).top1
+    )
 
     history: list[dict] = []
     t2 = time.perf_counter()
@@ -289,7 +294,8 @@ def run(
         static["top1_before_removal"] = top1_gated
 
     after = _measure(pruned, splits, device, top1=None if job.finetune_epochs or static else top1_before_ft)
-    after["top1_before_finetune"] = top1_before_ft
+    if not trains:
+        after["top1_before_finetune"] = top1_before_ft
     after["bn_recalibrated_images"] = min(BN_IMAGES, len(splits.train)) if recalibrated else 0
     if static is not None:
         after["static"] = static

@@ -70,11 +70,15 @@ benchmarks/dynamic.py conv-scaling`), so the latency gain stays well below the M
 Per-input MACs count the executed conv MACs plus the overhead: the gate's pooling (C_in H W additions), its two FC
 layers and the scaling of the kept channels (one multiplication per kept output value).
 
-`gate_init`: "identity" (default; W1 Kaiming-normal, W2 = 0, b2 = 1, so pi = 1 for every input and the gated
-model starts as the pretrained base exactly) or "kaiming" (the official code: W2 Kaiming-normal too). With the
-official init the untrained saliencies scale each block's output by up to the clamp (1000); in eval mode (fixed
-BatchNorm statistics) that compounds over the blocks: on a digits ResNet-20 the initial mean CE was 1e31 and
-SGD at lr 0.02 diverged within 3 steps, while the identity start trains stably.
+`gate_init`: "l1" (default; `l1_start`: as "identity", with b2 spread around 1 in the order of the filters' L1
+norms and each BatchNorm divided by its b2, so that the model still starts as the base and the ramp's first
+thresholds drop what l1 would drop rather than channels at random), "identity" (W1 Kaiming-normal, W2 = 0, b2 = 1,
+so pi = 1 for every input and the gated model starts as the pretrained base exactly) or "kaiming" (the official
+code: W2 Kaiming-normal too). With the official init the untrained saliencies scale each block's output by up to the
+clamp (1000); in eval mode (fixed BatchNorm statistics) that compounds over the blocks: on a digits ResNet-20 the
+initial mean CE was 1e31 and SGD at lr 0.02 diverged within 3 steps, while the identity start trains stably. With
+the l1 start the ramp can reach t early (by default at 30% of the steps), leaving most of the budget to train at
+the final masks.
 """
 
 from __future__ import annotations

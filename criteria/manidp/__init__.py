@@ -579,6 +579,8 @@ class ManiDP(DynamicCriterion):
             raise BadValue(f"manidp track-momentum must be in [0, 1), got {o.track_momentum}")
         if not 0 <= o.ramp_start < o.ramp_end <= 1:
             raise BadValue(f"manidp needs 0 <= ramp-start < ramp-end <= 1, got {o.ramp_start}, {o.ramp_end}")
+        if not 0 <= o.l1_spread < 2:  # b2 must stay positive: the BatchNorm is divided by it
+            raise BadValue(f"manidp l1-spread must be in [0, 2), got {o.l1_spread}")
         if not 0 <= o.static_below <= 1 or not o.gate_lr > 0:
             raise BadValue(f"manidp static-below must be in [0, 1] and gate-lr > 0, got {o.static_below}, {o.gate_lr}")
         # The selection scope decides, as for every criterion, whether channels of the residual stream may go:

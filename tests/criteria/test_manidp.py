@@ -464,6 +464,8 @@ def test_params_target_and_bad_options_are_refused(tiny_resnet, example_input):
         cls(cls.Options(remain=1.5)).run(ctx)
     with pytest.raises(BadValue, match="track-momentum"):
         cls(cls.Options(schedule="track", track_momentum=1.0)).run(ctx)
+    with pytest.raises(BadValue, match="l1-spread"):
+        cls(cls.Options(l1_spread=2.0, remain=0.7)).run(ctx)
     assert cls(cls.Options(remain=0.7)).run(ctx).extra["remain"] == 0.7
 
 

@@ -28,7 +28,6 @@ from criteria.manidp import (
     GatedFeatures,
     InputGatedConv2d,
     conv_sharing_weights,
-    gated_layers,
     wrap,
 )
 from prune_cli.api import ChannelGroup
@@ -40,9 +39,9 @@ def strip(model: nn.Module) -> nn.Module:
     """A plain (ungated) copy of a gated model: each GatedConv2d back to an nn.Conv2d holding a copy of its weights,
     the BatchNorm masks removed, gated blocks and VGG features back to their base classes; the gates dropped."""
     wrapped = (GatedConv2d, InputGatedConv2d)
-    for conv in gated_layers(model):  # per-forward records (some are closures): nothing to copy
-        conv.last_saliency = conv.last_mask = conv.last_kept = conv.last_feature = None
-    for conv in (m for m in model.modules() if isinstance(m, wrapped)):
+    for conv in (m for m in model.modules() if isinstance(m, wrapped)):  # per-forward records (some are closures)
+        if isinstance(conv, GatedConv2d):
+            conv.last_saliency = conv.last_mask = conv.last_kept = conv.last_feature = None
         conv.clear_record()
         conv.__dict__.pop("_folded", None)
     plain = copy.deepcopy(model)

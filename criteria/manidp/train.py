@@ -260,7 +260,7 @@ def estimate_remain(base: nn.Module, gated: nn.Module, example_input: Tensor, ke
 
     def hook(m, args, out):
         costs[id(m)] = float(out[0].numel() * m.in_channels * m.kernel_size[0] * m.kernel_size[1])  # per sample
-        if m in layers:
+        if not isinstance(m, InputGatedConv2d):  # a gated conv: its gate's cost, and one product per kept output
             fixed[id(m)], scaled[id(m)] = float(args[0][0].numel() + m.gate.macs), float(out[0].numel())
 
     handles = [c.register_forward_hook(hook) for c in layers + inputs_only]

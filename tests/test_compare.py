@@ -180,6 +180,26 @@ def test_defer_timing_leaves_the_cells_untimed_for_a_later_run(base, tmp_path):
     assert "latency_b1_ms" in json.loads((out / "records" / pending.name).read_text())["after"]
 
 
+def test_time_pending_runs_nothing_and_a_narrowed_run_keeps_the_full_leaderboard(base, tmp_path):
+    """--time-pending times the waiting cells and runs no other; a run narrowed by --criteria writes the leaderboard
+    of every record of the experiment in OUT, not of its own cells alone."""
+    exp_file = experiment(tmp_path / "two.yaml", base={"file": str(base)}, criteria=["l1", "dcs"], seeds=[0])
+    out = tmp_path / "out"
+    common = ("--out", out, "--threads", WORKER_THREADS)
+    result = run("compare", exp_file, "--criteria", "dcs", "--defer-timing", *common)
+    assert result.exit_code == 0, result.output
+    result = run("compare", exp_file, "--defer-timing", "--time-pending", *common)
+    assert result.exit_code == 2 and "give one" in result.output
+    result = run("compare", exp_file, "--time-pending", *common)
+    assert result.exit_code == 0, result.output
+    assert "1 pending cells to time; 1 cells not run yet" in result.output and not (out / "pending").exists()
+    assert len(list((out / "records").glob("*.json"))) == 1
+    assert list(pd.read_csv(out / "leaderboard.csv")["criterion"]) == ["dcs"]
+    result = run("compare", exp_file, "--criteria", "l1", *common)
+    assert result.exit_code == 0, result.output
+    assert sorted(pd.read_csv(out / "leaderboard.csv")["criterion"]) == ["dcs", "l1"]
+
+
 @pytest.mark.parametrize(
     "values, message",
     [

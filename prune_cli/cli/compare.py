@@ -105,6 +105,14 @@ def compare(
             rich_help_panel=O.RUN,
         ),
     ] = False,  # fmt: skip
+    time_pending: Annotated[
+        bool,
+        typer.Option(
+            help="Run no new cell: time the finished cells waiting untimed in OUT/pending (left by --defer-timing or "
+            "an interrupted run) and file their records. Run it on an idle machine.",
+            rich_help_panel=O.RUN,
+        ),
+    ] = False,  # fmt: skip
     run: O.RunOptions = O.RunOptions(),
 ) -> None:
     """Prune one base model with every criterion of EXPERIMENT at equal cost, and rank them.
@@ -113,6 +121,7 @@ def compare(
     comparison resumes where it stopped. Example: prune-cli compare experiments/quickstart.yaml
     """
     from prune_cli import metrics
+    from prune_cli.cli.report import folder_records
     from prune_cli.report import leaderboard as report
     from prune_cli.run import grid
     from prune_cli.run.experiment import load_experiment
@@ -144,15 +153,21 @@ def compare(
     with ui.RichReporter() as reporter:
         result = grid.run_grid(
             exp, jobs=1 if jobs is None else jobs, device=dev, reporter=reporter, log=ui.info, warn=ui.warn,
-            trust=run.trust, cluster=cluster, defer_timing=defer_timing,
+            trust=run.trust, cluster=cluster, defer_timing=defer_timing, time_pending_only=time_pending,
         )  # fmt: skip
-    if result.records:
-        lb = report.write(result.records, exp.out_dir, title=exp.name)
-        by_latency = report.write_latency(result.records, exp.out_dir, title=exp.name)
-        ui.info(f"{result.ran} cells run, {result.skipped} reused; leaderboard written to {exp.out_dir}")
+    records = result.records
+    if records and (criteria or targets or seeds or latency_targets):
+        # A narrowed run ranks its cells among the experiment's others in OUT, as `prune-cli report` would: its
+        # leaderboard files must not replace the full one with a part of it.
+        records = [r for r in folder_records(exp.out_dir) if r.get("experiment") == exp.name]
+    if records:
+        lb = report.write(records, exp.out_dir, title=exp.name)
+        by_latency = report.write_latency(records, exp.out_dir, title=exp.name)
+        ui.info(f"{result.ran} cells run, {result.skipped} reused; leaderboard of {len(records)} records written "
+                f"to {exp.out_dir}")  # fmt: skip
         show(lb)
         show_latency(by_latency)
-        loads = [r["after"].get("load_average") or 0 for r in result.records]
+        loads = [r["after"].get("load_average") or 0 for r in result.records] or [0]
         if warning := metrics.busy_machine_warning({"load_average": max(loads), "device": dev.type}):
             ui.warn(warning)
     if result.failed:  # after the leaderboard of the cells that finished: one line, exit 2

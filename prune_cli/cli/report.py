@@ -18,19 +18,13 @@ def report(
     from prune_cli.cli.compare import show, show_latency
     from prune_cli.errors import BadValue
     from prune_cli.report import leaderboard as rep
-    from prune_cli.store.records import CorruptRecord, Store
+    from prune_cli.store.records import Store
 
     ui.quiet = quiet
     store = Store(folder)
     if not store.dir.is_dir():
         raise BadValue(f"{folder} holds no records/ folder: is it a `prune-cli compare` output?")
-    records = []
-    for path, record in store.records():
-        if isinstance(record, CorruptRecord):
-            why = str(record).removeprefix(f"{path.stem}: ").removeprefix(f"{path.name}: ")
-            ui.warn(f"skipping the run record {path}: {why}")
-        else:
-            records.append(record)
+    records = folder_records(folder)
     if failed := sorted((folder / "failed").glob("*.json")):  # compare --executor ray's failed cells: not records
         ui.warn(f"{len(failed)} cells failed and are not in the leaderboard (errors in {folder / 'failed'}); "
                 "compare runs them again")  # fmt: skip
@@ -43,6 +37,20 @@ def report(
     ui.info(f"{len(records)} records -> {', '.join(files)} in {folder}")
     show(lb)
     show_latency(by_latency)
+
+
+def folder_records(folder: Path) -> list[dict]:
+    """The trusted run records under FOLDER/records (a corrupt one is skipped with a warning)."""
+    from prune_cli.store.records import CorruptRecord, Store
+
+    records = []
+    for path, record in Store(folder).records():
+        if isinstance(record, CorruptRecord):
+            why = str(record).removeprefix(f"{path.stem}: ").removeprefix(f"{path.name}: ")
+            ui.warn(f"skipping the run record {path}: {why}")
+        else:
+            records.append(record)
+    return records
 
 
 def register(app: typer.Typer) -> None:

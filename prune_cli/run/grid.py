@@ -93,14 +93,17 @@ def prepare_base(
 def run_grid(
     exp: Experiment, *, jobs: int = 1, device: torch.device | None = None, reporter: Any = None,
     log: Callable[[str], None] = lambda m: None, warn: Callable[[str], None] = lambda m: None,
-    trust: Collection[str] = (), cluster: Any = None, defer_timing: bool = False,
+    trust: Collection[str] = (), cluster: Any = None, defer_timing: bool = False, time_pending_only: bool = False,
 ) -> GridResult:  # fmt: skip
     """Run every unfinished cell of `exp`; return the records of all its finished cells (in grid order). `trust`:
     user factories that the base model file (or the experiment) may name. `cluster`: the `ray_executor.RaySettings`
     of `executor: ray` (default: a local Ray instance on every core). `defer_timing`: leave every finished cell
-    untimed in the pending folder (a grid on a busy machine), for a later run to time on an idle one."""
+    untimed in the pending folder (a grid on a busy machine), for a later run to time on an idle one.
+    `time_pending_only`: run no cell, only time the pending ones."""
     if jobs < 1:
         raise BadValue(f"--jobs must be >= 1, got {jobs}")
+    if defer_timing and time_pending_only:
+        raise BadValue("--defer-timing leaves cells untimed and --time-pending only times them: give one")
     check_out_dir(exp.out_dir)
     if exp.executor == "ray":
         from prune_cli.run import ray_executor
@@ -129,7 +132,13 @@ def run_grid(
     untimed = {k for k in keys if k not in done and _pending(exp, k) is not None}
     waiting = {k: c for c, k in zip(cells, keys, strict=True) if k not in done and k not in untimed}
     todo = [(c, k) for k, c in waiting.items()]  # two labels, one config: run once
-    log(f"{exp.name}: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run -> {exp.out_dir}")
+    left = len(todo) if time_pending_only else 0  # cells this run leaves for a later one
+    if time_pending_only:
+        log(f"{exp.name}: {len(untimed)} pending cells to time; {left} cells not run yet (--time-pending runs none)")
+        todo = []
+    else:
+        log(f"{exp.name}: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run -> "
+            f"{exp.out_dir}")  # fmt: skip
 
     args = dict(exp=exp, base_file=str(base_file), digest=digest, device=str(device), trust=trust)
     failed: list[dict[str, Any]] = []
@@ -178,7 +187,7 @@ def run_grid(
     with contextlib.suppress(OSError):
         (exp.out_dir / FAILED).rmdir()  # only when empty
     records = [done[k] for k in dict.fromkeys(keys) if k in done]
-    return GridResult(records, len(todo), len(cells) - len(todo), corrupt, base_file, failed)
+    return GridResult(records, len(todo), len(cells) - len(todo) - left, corrupt, base_file, failed)
 
 
 def record_failure(exp: Experiment, cell: Cell, key: str, digest: str, error: str) -> dict[str, Any]:

@@ -282,7 +282,7 @@ def test_prune_to_a_latency_target_end_to_end(base, quick_timing):
     summary = json.loads(result.stdout)
     report = summary["target_report"]
     assert report["metric"] == "latency" and report["requested"] == 0.3 and report["latency_batch"] == 8
-    assert 1 <= len(report["rounds"]) <= 4 and report["table"]["timed"] > 0
+    assert 1 <= len(report["rounds"]) <= 6 and report["table"]["timed"] > 0
     assert "latency_b8_ms" in summary["after"] and summary["after"]["runtime"] == "torch"
     again = runner.invoke(app, ["prune", str(base), "--target-latency", "0.3", "--latency-batch", "8",
                                 "--latency-batches", "1", "--json"])  # fmt: skip

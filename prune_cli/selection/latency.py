@@ -365,7 +365,7 @@ def reachable(
 
 def plan(
     planner: LatencyPlanner, measure: Measure, reduction: float, *, scores: Scores | None = None,
-    ratios: Mapping[str, float] | None = None, tolerance: float = 0.02, rounds: int = 4, most: float | None = None,
+    ratios: Mapping[str, float] | None = None, tolerance: float = 0.02, rounds: int = 6, most: float | None = None,
     log: Callable[[str], None] = lambda m: None,
 ) -> LatencyResult:  # fmt: skip
     """Kept counts per group whose measured latency is `reduction` below the base's, within `tolerance` if it can

@@ -226,7 +226,7 @@ def run_in_processes(
     threads = max(1, (os.cpu_count() or 1) // jobs)
     log(f"running {len(todo)} cells in {jobs} processes with {threads} thread(s) each")
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked OpenMP or torch state
-    pool = cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads,))
+    pool = cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads, os.getpid()))
     futures: dict[cf.Future, str] = {}
     on_main = threading.current_thread() is threading.main_thread()  # only there can a signal handler be set
     previous_term = signal.signal(signal.SIGTERM, _terminate_as_interrupt) if on_main else None
@@ -291,10 +291,12 @@ def _kill_workers(pool: cf.ProcessPoolExecutor, pending: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, driver: int) -> None:
+    """`driver`: the driver's pid, passed in: a worker still starting when the driver was killed would read its new
+    parent from os.getppid() and wait for that one forever."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited already; kept for a start method that does not
     torch.set_num_threads(threads)
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=_exit_with_parent, args=(driver,), daemon=True).start()
 
 
 def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:

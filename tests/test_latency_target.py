@@ -172,6 +172,18 @@ def test_measured_loop_reaches_the_target_within_tolerance(planner, reduction):
     assert result.achieved == pytest.approx(1 - result.pruned_ms / result.base_ms)
 
 
+def test_the_loop_reaches_the_target_when_the_narrowest_widths_cost_more_than_the_full_ones(planner, monkeypatch):
+    """At batch 64 a very narrow conv can be slower than the full one: the budget bracket must start from the
+    cheapest plan the table charges, not from the narrowest (which ran the loop to the full model)."""
+    costs = planner.costs(planner.full)
+    costs = {gid: np.concatenate([c[:-1], [3 * c[0]]]) for gid, c in costs.items()}  # narrowest: 3x the full width
+    monkeypatch.setattr(planner, "costs", lambda ref: costs)
+    measure, _ = fake_measure(planner, costs)
+    scores = Scores({g.id: torch.arange(g.size, 0, -1).float() for g in planner.groups})
+    result = L.plan(planner, measure, 0.3, scores=scores, tolerance=0.02, most=0.5)
+    assert abs(result.achieved - 0.3) <= 0.02
+
+
 def test_an_unreachable_latency_target_says_the_most_that_is_reachable(planner):
     measure, _ = fake_measure(planner, planner.costs(planner.full))
     with pytest.raises(TargetUnreachable, match=r"the most the constraints allow is \d+\.\d%"):

@@ -167,8 +167,8 @@ def compare(
                 f"to {exp.out_dir}")  # fmt: skip
         show(lb)
         show_latency(by_latency)
-        loads = [r["after"].get("load_average") or 0 for r in result.records] or [0]
-        if warning := metrics.busy_machine_warning({"load_average": max(loads), "device": dev.type}):
+        loads = [r["after"].get("load_average") or 0 for r in result.records]
+        if warning := metrics.busy_machine_warning({"load_average": max(loads, default=0), "device": dev.type}):
             ui.warn(warning)
     if result.failed:  # after the leaderboard of the cells that finished: one line, exit 2
         first = result.failed[0]["error"]

@@ -132,10 +132,10 @@ def run_grid(
     untimed = {k for k in keys if k not in done and _pending(exp, k) is not None}
     waiting = {k: c for c, k in zip(cells, keys, strict=True) if k not in done and k not in untimed}
     todo = [(c, k) for k, c in waiting.items()]  # two labels, one config: run once
-    left = len(todo) if time_pending_only else 0  # cells this run leaves for a later one
+    left = 0  # cells this run leaves for a later one
     if time_pending_only:
+        left, todo = len(todo), []
         log(f"{exp.name}: {len(untimed)} pending cells to time; {left} cells not run yet (--time-pending runs none)")
-        todo = []
     else:
         log(f"{exp.name}: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run -> "
             f"{exp.out_dir}")  # fmt: skip

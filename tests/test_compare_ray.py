@@ -268,11 +268,14 @@ def test_a_worker_that_dies_is_retried_once_then_recorded_as_failed(cluster, ray
 
 def test_ctrl_c_cancels_the_tasks_in_flight(cluster, base, tmp_path, monkeypatch):
     """Ctrl-C while the driver waits for its first result: every task is cancelled (not left running on the
-    cluster, which this process's connection would keep alive), and compare ends with one line, exit 130."""
+    cluster, which this process's connection would keep alive), and compare ends with one line, exit 130. Under load
+    Ray lost one cancel in two runs of this test (that task ran to its end) until the driver cancelled again."""
     previous = signal.getsignal(signal.SIGINT)  # the driver ignores a second Ctrl-C from then on: restored below
     real_wait, waited = ray.wait, []
 
     def interrupted(refs, **kw):
+        if waited:  # the driver's own waits for the cancelled tasks to end
+            return real_wait(refs, **kw)
         waited.extend(refs)
         ready, _ = real_wait(refs, num_returns=len(refs), timeout=0)
         assert not ready  # a cell takes seconds: none can have finished yet, so each one must be cancelled

@@ -25,6 +25,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -157,9 +158,7 @@ def run_on_ray(
     except KeyboardInterrupt:
         # The process is ending: a second Ctrl-C in the clean-up would only leave it half done (as compare._stop).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        for ref in refs:
-            with contextlib.suppress(Exception):
-                ray.cancel(ref, force=True)
+        _cancel(ray, list(refs))
         warn("interrupted: Ray tasks cancelled; the cells finished in this run are kept, the cells in flight are "
              "lost; run compare again to resume")  # fmt: skip
         raise
@@ -194,6 +193,21 @@ def _deliver(result: tuple[dict, bytes] | None, key: str, pending: Path, shared:
     if result is None:
         for name in (f"{key}.safetensors", f"{key}.json"):
             (shared / PENDING / name).unlink(missing_ok=True)
+
+
+def _cancel(ray: Any, refs: list[Any], within: float = 30.0) -> None:
+    """Cancel the tasks of `refs` (killing their workers), and again until each one has ended or `within` seconds
+    have passed: Ray loses a cancel that arrives while a task is being handed to a worker (seen under load: the
+    task then ran to its end, minutes of a cluster's time)."""
+    deadline = time.monotonic() + within
+    while refs:
+        for ref in refs:
+            with contextlib.suppress(Exception):  # one that has finished meanwhile: nothing to cancel
+                ray.cancel(ref, force=True)
+        with contextlib.suppress(Exception):
+            _, refs = ray.wait(refs, num_returns=len(refs), timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+        if time.monotonic() >= deadline:
+            return
 
 
 def _connect(ray: Any, settings: RaySettings, log: Callable[[str], None]) -> bool:

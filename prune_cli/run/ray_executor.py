@@ -200,13 +200,13 @@ def _cancel(ray: Any, refs: list[Any], within: float = 30.0) -> None:
     have passed: Ray loses a cancel that arrives while a task is being handed to a worker (seen under load: the
     task then ran to its end, minutes of a cluster's time)."""
     deadline = time.monotonic() + within
-    while refs:
+    while refs and (left := deadline - time.monotonic()) > 0:
         for ref in refs:
             with contextlib.suppress(Exception):  # one that has finished meanwhile: nothing to cancel
                 ray.cancel(ref, force=True)
-        with contextlib.suppress(Exception):
-            _, refs = ray.wait(refs, num_returns=len(refs), timeout=min(1.0, max(0.0, deadline - time.monotonic())))
-        if time.monotonic() >= deadline:
+        try:
+            _, refs = ray.wait(refs, num_returns=len(refs), timeout=min(1.0, left))
+        except Exception:  # the connection is gone: nothing more can be cancelled from here
             return
 
 

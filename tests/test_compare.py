@@ -488,3 +488,25 @@ def test_ranking_shift_correlates_the_ranked_entries_that_have_a_before_figure()
     ]
     assert "| -30% | 3 | -1.00 | c | a |" in report.ranking_shift_markdown(shift)
     assert report.ranking_shift_markdown(report.ranking_shift(lb[lb["target"] == 0.5])) == ""
+
+
+def test_close_up_panel_only_when_most_but_not_all_entries_lie_near_the_base():
+    """The close-up spans CLOSE_UP_PT below the base up to the highest band among the near entries."""
+    lb = pd.DataFrame({"top1_mean": [0.93, 0.925, 0.92, 0.70], "top1_std": [0.001, 0.002, float("nan"), 0.01]})
+    low, high = report.close_up_limits(lb, base_top1=93.0)
+    assert low == pytest.approx(93.0 - report.CLOSE_UP_PT - 0.1) and high == pytest.approx(93.1 + 0.1)
+    assert report.close_up_limits(lb.iloc[:3], base_top1=93.0) is None  # all near: one panel shows them
+    assert report.close_up_limits(lb.iloc[2:], base_top1=93.0) is None  # half far below: not a close-up's case
+
+
+@pytest.mark.parametrize(("folder", "panels"), [("fmnist-vgg/compare-ft", 2), ("fmnist-vgg/compare", 1)])
+def test_accuracy_plot_adds_the_close_up_panel_to_a_fine_tuned_grid(folder, panels, tmp_path):
+    """After fine-tuning HASTE's -70% cell sits 20 pt below the rest: a second panel; without fine-tuning, none."""
+    import matplotlib.image
+
+    records = [
+        json.loads(p.read_text()) for p in sorted((ROOT / "experiments/results" / folder / "records").glob("*.json"))
+    ]
+    report.write(records, tmp_path, title="q")
+    width = matplotlib.image.imread(tmp_path / "accuracy_vs_macs.png").shape[1]
+    assert width == (1380 if panels == 2 else 768)

@@ -32,6 +32,8 @@ LEADERBOARD_FILES = ("leaderboard.csv", "leaderboard.md", "leaderboard.tex", "ac
 # wider than TARGET_TOLERANCE, since it is a timing (the selection itself aims within 0.02).
 LATENCY_TOLERANCE = 0.05
 LATENCY_FILES = ("leaderboard-latency.csv", "leaderboard-latency.md")
+# accuracy_vs_macs.png adds a close-up panel on the entries within this many points of the base top-1.
+CLOSE_UP_PT = 2.0
 
 
 def is_latency(record: dict[str, Any]) -> bool:
@@ -331,8 +333,8 @@ def write_latency(records: Sequence[dict[str, Any]], out_dir: str | Path, title:
 
 
 def plot(df: pd.DataFrame, lb: pd.DataFrame, out_dir: Path) -> None:
-    """accuracy_vs_macs.png (top-1 after fine-tuning against MACs removed, bands = std over seeds) and
-    latency_vs_macs.png."""
+    """accuracy_vs_macs.png (top-1 after fine-tuning against MACs removed, bands = std over seeds; a close-up panel
+    beside it when some entries lie far below the others, see `close_up_limits`) and latency_vs_macs.png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -342,16 +344,22 @@ def plot(df: pd.DataFrame, lb: pd.DataFrame, out_dir: Path) -> None:
     epochs = sorted(set(df["finetune_epochs"].dropna().astype(int)))
     ylabel = "top-1, no fine-tuning (%)" if epochs == [0] else "top-1 after fine-tuning (%)"
     colours = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys(lb["criterion"]))}
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for name, g in lb.groupby("criterion", sort=False):
-        g = g.sort_values("macs_removed")
-        x, mean, std = 100 * g["macs_removed"], 100 * g["top1_mean"], 100 * g["top1_std"]
-        ax.plot(x, mean, marker="o", label=name, color=colours[name])
-        ax.fill_between(x, mean - std, mean + std, color=colours[name], alpha=0.2, linewidth=0)
-    ax.axhline(base_top1, color="grey", linestyle="--", linewidth=1, label="base")
-    title = "accuracy against MACs removed (mean, band ± std over seeds)"
-    ax.set(xlabel="MACs removed (% of base)", ylabel=ylabel, title=title)
-    ax.legend(fontsize=8)
+    limits = close_up_limits(lb, base_top1)
+    fig, axes = plt.subplots(1, 1 if limits is None else 2, figsize=(6.4 if limits is None else 11.5, 4.4),
+                             squeeze=False)  # fmt: skip
+    for ax in axes[0]:
+        for name, g in lb.groupby("criterion", sort=False):
+            g = g.sort_values("macs_removed")
+            x, mean, std = 100 * g["macs_removed"], 100 * g["top1_mean"], 100 * g["top1_std"]
+            ax.plot(x, mean, marker="o", label=name, color=colours[name])
+            ax.fill_between(x, mean - std, mean + std, color=colours[name], alpha=0.2, linewidth=0)
+        ax.axhline(base_top1, color="grey", linestyle="--", linewidth=1, label="base")
+        ax.set(xlabel="MACs removed (% of base)", ylabel=ylabel)
+    axes[0][0].set_title("accuracy against MACs removed (mean, band ± std over seeds)")
+    axes[0][0].legend(fontsize=8)
+    if limits is not None:
+        axes[0][1].set_ylim(*limits)
+        axes[0][1].set_title(f"close-up: the entries within {CLOSE_UP_PT:g} pt of the base")
     _save(fig, out_dir / "accuracy_vs_macs.png")
 
     # One colour per criterion, one marker per batch size.
@@ -370,6 +378,17 @@ def plot(df: pd.DataFrame, lb: pd.DataFrame, out_dir: Path) -> None:
     ax.set(xlabel="MAC speed-up (x)", ylabel="measured latency speed-up (x)", title="latency against MACs")
     ax.legend(handles=handles, fontsize=7, ncol=2)
     _save(fig, out_dir / "latency_vs_macs.png")
+
+
+def close_up_limits(lb: pd.DataFrame, base_top1: float) -> tuple[float, float] | None:
+    """The y-limits (top-1 in %) of a close-up on the entries whose mean top-1 lies within CLOSE_UP_PT of the base
+    (`base_top1`, in %), when most but not all of them do; else None, and a single panel shows what matters. The
+    case it serves: after fine-tuning, one method far below (HASTE at -70%) squeezes the rest into one line."""
+    near = 100 * lb["top1_mean"] >= base_top1 - CLOSE_UP_PT
+    if near.all() or near.mean() <= 0.5:
+        return None
+    top = (100 * (lb["top1_mean"] + lb["top1_std"].fillna(0)))[near].max()
+    return float(base_top1 - CLOSE_UP_PT - 0.1), float(max(top, base_top1) + 0.1)
 
 
 def _save(fig: Any, path: Path) -> None:
